@@ -1,0 +1,62 @@
+"""Shared test helpers: where the reference fixtures live and how to load them."""
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = pathlib.Path(os.environ.get('VAR_JAX_FIXTURES', ROOT.parent / 'shared' / 'fixtures'))
+FIXTURE_NAMES = ('tiny4', 'tiny10')
+
+
+class Fixture:
+  """One fixture folder: config dict, io arrays, and the two state dicts (lazily)."""
+
+  def __init__(self, name):
+    self.name = name
+    self.dir = FIXTURES / name
+    if not self.dir.is_dir():
+      raise FileNotFoundError(f'fixture folder {self.dir} not found (set VAR_JAX_FIXTURES)')
+    self.raw_config = json.loads((self.dir / 'config.json').read_text())
+    with np.load(self.dir / 'io.npz') as z:
+      self.io = {k: z[k] for k in z.files}
+    self._vae_sd = self._var_sd = None
+
+  @property
+  def config(self):
+    from var_jax.config import ModelConfig
+    return ModelConfig.from_dict(self.raw_config)
+
+  @property
+  def vae_sd(self):
+    if self._vae_sd is None:
+      from var_jax.convert.torch_io import load_pth
+      self._vae_sd = load_pth(self.dir / 'vae.pth')
+    return self._vae_sd
+
+  @property
+  def var_sd(self):
+    if self._var_sd is None:
+      from var_jax.convert.torch_io import load_pth
+      self._var_sd = load_pth(self.dir / 'var.pth')
+    return self._var_sd
+
+  def nhwc(self, key):
+    """An NCHW fixture array as NHWC."""
+    return np.transpose(self.io[key], (0, 2, 3, 1))
+
+
+_CACHE = {}
+
+
+def get_fixture(name):
+  if name not in _CACHE:
+    _CACHE[name] = Fixture(name)
+  return _CACHE[name]
+
+
+@pytest.fixture(params=FIXTURE_NAMES)
+def fx(request):
+  return get_fixture(request.param)

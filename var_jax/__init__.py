@@ -1,0 +1,1 @@
+"""var_jax: VAR (next-scale prediction) in JAX/Flax."""
