@@ -1,0 +1,39 @@
+"""`var-jax` console command: one subcommand per job, each in var_jax/commands/.
+
+Each command module defines `add_arguments(parser)` and `run(args) -> int`; it is
+imported only when its subcommand is used, so `var-jax demo` never pays for the
+trainer's imports.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    'demo': ('var_jax.commands.demo', 'sample every class from the embedded digits model'),
+    'convert': ('var_jax.commands.convert', 'reference .pth files -> native var_jax checkpoint'),
+    'sample': ('var_jax.commands.sample', 'class-conditional sampling from a checkpoint'),
+    'reconstruct': ('var_jax.commands.reconstruct', 'encode and decode images with the VQVAE'),
+    'train': ('var_jax.commands.train', 'train the VAR transformer'),
+    'train-vqvae': ('var_jax.commands.train_vqvae', 'train the multi-scale VQVAE'),
+}
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  parser = argparse.ArgumentParser(prog='var-jax', description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+  name = next((a for a in argv if not a.startswith('-')), None)
+  for cmd, (module, help_) in COMMANDS.items():
+    p = sub.add_parser(cmd, help=help_)
+    if cmd == name:  # import only the command being run
+      importlib.import_module(module).add_arguments(p)
+  args, rest = parser.parse_known_args(argv)
+  if rest:
+    parser.error(f'unrecognized arguments: {" ".join(rest)}')
+  return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+
+
+if __name__ == '__main__':
+  sys.exit(main())
