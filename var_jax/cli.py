@@ -1,6 +1,8 @@
 """`var-jax` console command: one subcommand per job, each in var_jax/commands/.
 
-Each command module defines `add_arguments(parser)` and `run(args) -> int`; it is
+Each command module defines `add_arguments(parser)` and `run(args) -> int`
+(and `ACCEPTS_OVERRIDES = True` to receive unparsed `--config.key=value` flags
+as `args.overrides`); it is
 imported only when its subcommand is used, so `var-jax demo` never pays for the
 trainer's imports.
 """
@@ -30,9 +32,12 @@ def main(argv=None) -> int:
     if cmd == name:  # import only the command being run
       importlib.import_module(module).add_arguments(p)
   args, rest = parser.parse_known_args(argv)
-  if rest:
+  module = importlib.import_module(COMMANDS[args.command][0])
+  if getattr(module, 'ACCEPTS_OVERRIDES', False):  # e.g. --config.lr=3e-4
+    args.overrides = rest
+  elif rest:
     parser.error(f'unrecognized arguments: {" ".join(rest)}')
-  return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+  return int(module.run(args) or 0)
 
 
 if __name__ == '__main__':
