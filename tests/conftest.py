@@ -3,6 +3,9 @@ import json
 import os
 import pathlib
 
+# Eight fake CPU devices for the sharding tests; must be set before jax starts.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+
 import numpy as np
 import pytest
 
