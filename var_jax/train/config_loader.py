@@ -1,0 +1,121 @@
+"""Experiment configs: load a configs/*.py file and apply `--config.key=value` overrides.
+
+Reuse: any trainer calls `cfg = load_config('configs/x.py', ['--config.optim.tblr=3e-4'])`.
+A config file defines `get_config(arg: str | None = None) -> ml_collections.ConfigDict`;
+`path:arg` passes `arg` (big_vision style, e.g. `configs/var_d16.py:smoke`). The returned
+dict is locked, so an override of an unknown key is an error, and every override is
+parsed with the type of the value it replaces (bool/int/float/str/tuple/list/None).
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+from typing import Any, Iterable, Sequence
+
+import ml_collections
+
+_TRUE = ('1', 'true', 'yes', 'on')
+_FALSE = ('0', 'false', 'no', 'off')
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Imports `path` (optionally `path:arg`) and returns its get_config(arg)."""
+  arg = None
+  if ':' in path and not os.path.exists(path):
+    path, arg = path.rsplit(':', 1)
+  if not os.path.isfile(path):
+    raise ValueError(f'config file {path!r} not found')
+  name = '_var_jax_config_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ValueError(f'config file {path!r} defines no get_config()')
+  cfg = module.get_config(arg) if arg is not None else module.get_config()
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ValueError(f'{path}: get_config() must return an ml_collections.ConfigDict')
+  return cfg
+
+
+def parse_override(cfg: ml_collections.ConfigDict, flag: str) -> tuple:
+  """'--config.a.b=v' -> ('a.b', typed value)."""
+  text = flag[2:] if flag.startswith('--') else flag
+  if not text.startswith('config.') or '=' not in text:
+    raise ValueError(f'bad override {flag!r}: expected --config.key=value')
+  key, raw = text[len('config.'):].split('=', 1)
+  old = _lookup(cfg, key)
+  return key, _coerce(key, old, raw)
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, flags: Iterable[str]) -> ml_collections.ConfigDict:
+  """Applies overrides in order to a (locked) ConfigDict, in place; returns it."""
+  for flag in flags or ():
+    key, value = parse_override(cfg, flag)
+    *parents, leaf = key.split('.')
+    node = cfg
+    for p in parents:
+      node = node[p]
+    with node.ignore_type():
+      node[leaf] = value
+  return cfg
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Config file + overrides, locked (unknown keys raise)."""
+  cfg = load_config_file(path)
+  cfg.lock()
+  return apply_overrides(cfg, overrides)
+
+
+def _lookup(cfg, key: str) -> Any:
+  node = cfg
+  parts = key.split('.')
+  for i, p in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+      known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      hint = difflib.get_close_matches(p, known, n=1)
+      where = '.'.join(parts[:i]) or '<root>'
+      raise ValueError(f'unknown config key {key!r} (no {p!r} in {where})'
+                       + (f'; did you mean {hint[0]!r}?' if hint else ''))
+    node = node[p]
+  if isinstance(node, ml_collections.ConfigDict):
+    raise ValueError(f'config key {key!r} is a section; override its fields instead')
+  return node
+
+
+def _coerce(key: str, old: Any, raw: str) -> Any:
+  """Parses `raw` to the type of `old`; ValueError naming the key if it does not fit."""
+  try:
+    if isinstance(old, bool):
+      low = raw.strip().lower()
+      if low in _TRUE:
+        return True
+      if low in _FALSE:
+        return False
+      raise ValueError(raw)
+    if isinstance(old, int):
+      value = ast.literal_eval(raw)
+      if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(raw)
+      return value
+    if isinstance(old, float):
+      return float(raw)
+    if isinstance(old, str):
+      return raw
+    if isinstance(old, (tuple, list)):
+      value = ast.literal_eval(raw) if raw.strip() else ()
+      if isinstance(value, (int, float, str)):
+        value = (value,)
+      if not isinstance(value, (tuple, list)):
+        raise ValueError(raw)
+      return type(old)(value)
+    if old is None:  # untyped: a Python literal if it parses, else the string
+      try:
+        return ast.literal_eval(raw)
+      except (ValueError, SyntaxError):
+        return raw
+  except (ValueError, SyntaxError) as e:
+    raise ValueError(f'config key {key!r} expects {type(old).__name__}, got {raw!r}') from e
+  raise ValueError(f'config key {key!r} has unsupported type {type(old).__name__}')
