@@ -1,0 +1,293 @@
+"""Building blocks of the VAR transformer (reference models/basic_var.py).
+
+`AdaLNSelfAttn` is one transformer block whose LayerNorms are modulated by the
+class condition (AdaLN); `AdaLNBeforeHead` is the same modulation before the
+output head. Module and parameter names follow the reference state dict through
+var_jax.convert.naming (e.g. `blocks_0/attn/mat_qkv/kernel`); raw parameters
+(`q_bias`, `scale_mul_1H11`, `ada_gss`) keep the torch name and shape.
+
+Initialisers reproduce the reference `VAR.init_weights`: truncated normal with
+torch's absolute bounds [-2, 2], zero biases, multipliers passed in by the parent.
+Numerics: statistics, softmax and the L2 norm run in float32 whatever the compute
+dtype; the residual stream is kept in the compute dtype like the reference under
+autocast.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+KV = Tuple[jax.Array, jax.Array]
+
+
+# --- initialisers ---------------------------------------------------------------
+def trunc_normal(std: float, mult: float = 1.0) -> Initializer:
+  """torch.nn.init.trunc_normal_(std=std) (cut at absolute +-2), times `mult`."""
+  def init(key, shape, dtype=jnp.float32):
+    lim = 2.0 / std
+    x = jax.random.truncated_normal(key, -lim, lim, shape, jnp.float32) * std
+    return (x * mult).astype(dtype)
+  return init
+
+
+def column_scaled(base: Initializer, split: int, mult_lo: float, mult_hi: float) -> Initializer:
+  """`base`, with output columns [:split] times mult_lo and the rest times mult_hi."""
+  def init(key, shape, dtype=jnp.float32):
+    w = base(key, shape, jnp.float32)
+    mult = jnp.where(jnp.arange(shape[-1]) < split, mult_lo, mult_hi)
+    return (w * mult).astype(dtype)
+  return init
+
+
+def constant(value: float) -> Initializer:
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.full(shape, value, dtype)
+  return init
+
+
+def param_with_axes(module: nn.Module, name: str, init: Initializer, shape: Sequence[int],
+                    axes: Sequence[Optional[str]], dtype: Dtype) -> jax.Array:
+  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+def dense(features: int, axes: Tuple[str, str], name: Optional[str] = None, *,
+          kernel_init: Initializer,
+          use_bias: bool = True, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+          precision=None) -> nn.Dense:
+  """nn.Dense with logical axis names on kernel (in, out) and bias (out,); zero bias."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision,
+      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+      name=name)
+
+
+# --- functional pieces ----------------------------------------------------------
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+  """LayerNorm without affine parameters; statistics in float32, result in x.dtype."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """torch F.normalize(x, dim=-1): x / max(|x|, eps), in float32."""
+  x32 = x.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.sum(jnp.square(x32), -1, keepdims=True))
+  return x32 / jnp.maximum(norm, eps)
+
+
+def drop_path(module: nn.Module, x_BLC: jax.Array, rate: float, deterministic: bool) -> jax.Array:
+  """Stochastic depth per sample (timm's drop_path with scale_by_keep)."""
+  if deterministic or rate == 0.0:
+    return x_BLC
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(module.make_rng('dropout'), keep, (x_BLC.shape[0],) + (1,) * (x_BLC.ndim - 1))
+  return jnp.where(mask, x_BLC / keep, 0).astype(x_BLC.dtype)
+
+
+def attention(q_BqHc: jax.Array, k_BkHc: jax.Array, v_BkHc: jax.Array, *, scale: float,
+              mask_qk: Optional[np.ndarray] = None, precision=None,
+              dropout: Optional[Callable[[jax.Array], jax.Array]] = None,
+              implementation: Optional[str] = 'exact') -> jax.Array:
+  """softmax(scale * q k^T [masked]) v over heads; returns (B, q, H, c).
+
+  implementation 'exact': explicit einsums at `precision` with a float32 softmax
+  (what float32 parity needs, and what attention dropout needs). Otherwise the
+  value is passed to jax.nn.dot_product_attention (None lets it pick, e.g. cuDNN).
+  """
+  if implementation != 'exact' and dropout is None:
+    mask = None if mask_qk is None else jnp.asarray(mask_qk)[None, None]
+    return jax.nn.dot_product_attention(q_BqHc, k_BkHc, v_BkHc, mask=mask, scale=scale,
+                                        implementation=implementation)
+  logits_BHqk = jnp.einsum('bqhc,bkhc->bhqk', q_BqHc, k_BkHc, precision=precision,
+                           preferred_element_type=jnp.float32) * scale
+  if mask_qk is not None:
+    logits_BHqk = jnp.where(jnp.asarray(mask_qk), logits_BHqk, -jnp.inf)
+  probs_BHqk = jax.nn.softmax(logits_BHqk, axis=-1)
+  if dropout is not None:
+    probs_BHqk = dropout(probs_BHqk)
+  out = jnp.einsum('bhqk,bkhc->bqhc', probs_BHqk.astype(v_BkHc.dtype), v_BkHc, precision=precision,
+                   preferred_element_type=jnp.float32)
+  return out.astype(v_BkHc.dtype)
+
+
+# --- modules --------------------------------------------------------------------
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with a bias-free qkv Linear plus q/v biases (k bias 0).
+
+  With l2_norm, q and k are L2-normalised and q is multiplied per head by
+  exp(min(scale_mul_1H11, max_scale_mul)); the softmax scale is `scale` (1 then,
+  0.25/sqrt(head_dim) otherwise). With `kv` (a (k, v) cache of shape
+  (B, L, H, c)) the new keys/values are written at [begin, begin+l) and the
+  queries attend to cache[:, :begin+l] (no mask), as in KV-cached decoding.
+  """
+  embed_dim: int
+  num_heads: int
+  l2_norm: bool
+  scale: float
+  max_scale_mul: float
+  attn_drop: float = 0.0
+  proj_drop: float = 0.0
+  proj_std: float = 0.02
+  init_std: float = 0.02
+  implementation: Optional[str] = 'exact'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x_BLC, *, mask_LL=None, kv: Optional[KV] = None, begin: int = 0,
+               deterministic: bool = True):
+    B, L, C = x_BLC.shape
+    H, c = self.num_heads, C // self.num_heads
+    qkv = dense(3 * C, ('embed', 'qkv'), 'mat_qkv', kernel_init=trunc_normal(self.init_std),
+                use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                precision=self.precision)(x_BLC)
+    zeros = nn.initializers.zeros_init()
+    q_bias = param_with_axes(self, 'q_bias', zeros, (C,), ('qkv',), self.param_dtype)
+    v_bias = param_with_axes(self, 'v_bias', zeros, (C,), ('qkv',), self.param_dtype)
+    bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
+    q, k, v = jnp.split((qkv + bias).reshape(B, L, 3, H, c), 3, axis=2)
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]        # BLHc
+    if self.l2_norm:
+      scale_mul_1H11 = param_with_axes(self, 'scale_mul_1H11', constant(float(np.log(4.0))),
+                                       (1, H, 1, 1), (None, 'heads', None, None), self.param_dtype)
+      mul_H1 = jnp.exp(jnp.minimum(scale_mul_1H11.astype(jnp.float32).reshape(H, 1),
+                                   jnp.float32(self.max_scale_mul)))
+      q = (l2_normalize(q) * mul_H1).astype(self.dtype)
+      k = l2_normalize(k).astype(self.dtype)
+    if kv is not None:
+      k_cache, v_cache = kv
+      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, begin, 0, 0))
+      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, begin, 0, 0))
+      kv = (k_cache, v_cache)
+      k, v = k_cache[:, :begin + L].astype(self.dtype), v_cache[:, :begin + L].astype(self.dtype)
+    drop = None
+    if self.attn_drop > 0 and not deterministic:
+      drop = nn.Dropout(self.attn_drop, deterministic=False)
+    out = attention(q, k, v, scale=self.scale, mask_qk=mask_LL, precision=self.precision,
+                    dropout=drop, implementation=self.implementation).reshape(B, L, C)
+    out = dense(C, ('heads', 'embed'), 'proj', kernel_init=trunc_normal(self.proj_std),
+                dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)(out)
+    if self.proj_drop > 0:
+      out = nn.Dropout(self.proj_drop)(out, deterministic=deterministic)
+    return out, kv
+
+
+class FFN(nn.Module):
+  """fc1 -> tanh-approximated GELU -> fc2 (-> dropout)."""
+  hidden: int
+  drop: float = 0.0
+  init_std: float = 0.02
+  fc2_std: float = 0.02
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x_BLC, deterministic: bool = True):
+    C = x_BLC.shape[-1]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    h = dense(self.hidden, ('embed', 'mlp'), 'fc1', kernel_init=trunc_normal(self.init_std), **kw)(x_BLC)
+    h = jax.nn.gelu(h, approximate=True)
+    out = dense(C, ('mlp', 'embed'), 'fc2', kernel_init=trunc_normal(self.fc2_std), **kw)(h)
+    if self.drop > 0:
+      out = nn.Dropout(self.drop)(out, deterministic=deterministic)
+    return out
+
+
+class AdaLNSelfAttn(nn.Module):
+  """One VAR block: x += g1 * attn(LN(x)(1+s1)+b1); x += g2 * ffn(LN(x)(1+s2)+b2).
+
+  The six modulation vectors (gamma1, gamma2, scale1, scale2, shift1, shift2) come
+  from this block's `ada_lin_1` on SiLU(cond), or, with shared_aln, from the
+  shared projection (given as (B,1,6,C)) plus this block's `ada_gss`.
+  """
+  embed_dim: int
+  num_heads: int
+  mlp_hidden: int
+  norm_eps: float
+  shared_aln: bool
+  l2_norm: bool
+  attn_scale: float
+  max_scale_mul: float
+  drop: float = 0.0
+  attn_drop: float = 0.0
+  drop_path: float = 0.0
+  depth: int = 1
+  init_std: float = 0.02
+  init_adaln: float = 0.5
+  init_adaln_gamma: float = 1e-5
+  implementation: Optional[str] = 'exact'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  def setup(self):
+    C = self.embed_dim
+    out_std = self.init_std / np.sqrt(2 * self.depth)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+    self.attn = SelfAttention(C, self.num_heads, self.l2_norm, self.attn_scale, self.max_scale_mul,
+                              attn_drop=self.attn_drop, proj_drop=self.drop, proj_std=out_std,
+                              init_std=self.init_std, implementation=self.implementation, **kw)
+    self.ffn = FFN(self.mlp_hidden, drop=self.drop, init_std=self.init_std, fc2_std=out_std, **kw)
+    if self.shared_aln:
+      def gss_init(key, shape, dtype=jnp.float32):
+        w = jax.random.normal(key, shape, jnp.float32) / np.sqrt(C)
+        mult = jnp.where(jnp.arange(6) < 2, self.init_adaln_gamma, self.init_adaln)[:, None]
+        return (w * mult).astype(dtype)
+      self.ada_gss = param_with_axes(self, 'ada_gss', gss_init, (1, 1, 6, C),
+                                     (None, None, None, 'embed'), self.param_dtype)
+    else:
+      self.ada_lin_1 = dense(   # named by the attribute (setup)
+          6 * C, ('cond', 'adaln'),
+          kernel_init=column_scaled(trunc_normal(self.init_std), 2 * C, self.init_adaln_gamma,
+                                    self.init_adaln), **kw)
+
+  def ada(self, cond_BD: jax.Array) -> jax.Array:
+    """(B,1,6,C) modulation; cond_BD is the class embedding, or with shared_aln the
+    shared projection already viewed as (B,1,6,C)."""
+    if self.shared_aln:
+      return self.ada_gss.astype(self.dtype) + cond_BD.astype(self.dtype)
+    out = self.ada_lin_1(nn.silu(cond_BD.astype(self.dtype)))
+    return out.reshape(cond_BD.shape[0], 1, 6, self.embed_dim)
+
+  def __call__(self, x_BLC, ada_B16C, *, mask_LL=None, kv: Optional[KV] = None, begin: int = 0,
+               deterministic: bool = True):
+    g1, g2, s1, s2, b1, b2 = [ada_B16C[:, :, i] for i in range(6)]     # each B1C
+    h = layer_norm(x_BLC, self.norm_eps) * (1 + s1) + b1
+    h, kv = self.attn(h, mask_LL=mask_LL, kv=kv, begin=begin, deterministic=deterministic)
+    x_BLC = x_BLC + drop_path(self, h * g1, self.drop_path, deterministic)
+    h = layer_norm(x_BLC, self.norm_eps) * (1 + s2) + b2
+    h = self.ffn(h, deterministic=deterministic)
+    x_BLC = x_BLC + drop_path(self, h * g2, self.drop_path, deterministic)
+    return x_BLC, kv
+
+
+class AdaLNBeforeHead(nn.Module):
+  """LN(x) * (1 + scale) + shift with (scale, shift) from ada_lin_1(SiLU(cond))."""
+  embed_dim: int
+  norm_eps: float
+  init_std: float = 0.02
+  init_adaln: float = 0.5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x_BLC, cond_BD):
+    C = self.embed_dim
+    ss = dense(2 * C, ('cond', 'adaln'), 'ada_lin_1',
+               kernel_init=trunc_normal(self.init_std, self.init_adaln), dtype=self.dtype,
+               param_dtype=self.param_dtype, precision=self.precision)(nn.silu(cond_BD))
+    ss = ss.reshape(-1, 1, 2, C)
+    return layer_norm(x_BLC, self.norm_eps) * (1 + ss[:, :, 0]) + ss[:, :, 1]

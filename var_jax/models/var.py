@@ -1,0 +1,216 @@
+"""The VAR transformer: next-scale prediction over a multi-scale token pyramid.
+
+Reference: models/var.py (VAR) with the blocks of models/basic_var.py (see
+layers.py). Two entry points share one set of parameters:
+
+  * `VAR.__call__(labels_B, x_BLCv_wo_first_l, train=False)`: teacher forcing
+    over all L tokens with the block-causal mask (a token sees its own scale and
+    every earlier one) -> logits (B, L, V) float32. train=True applies class
+    dropout, drop path and dropout with the 'dropout' rng stream.
+  * `VAR.decode_scale(si, x_BlC, cond_BD, ada, cache)`: the tokens of scale `si`
+    through every block against a preallocated `KVCache` (written in place at
+    the scale's static offset) -> (logits_BlV float32, cache). Used by
+    var_jax.sampler together with `condition`, `first_token_map` and
+    `next_token_map`.
+
+Inputs and the head run in float32 (the reference disables autocast there and
+casts to float before the head); the blocks run in `dtype`. With float32
+compute, matmuls default to HIGHEST precision (no TF32 on GPUs) for parity.
+Initialisation reproduces the reference `VAR.init_weights` (multipliers are
+module fields); `init_params` is the plain-function form the trainer uses.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from var_jax.config import VARConfig
+from var_jax.models.layers import (AdaLNBeforeHead, AdaLNSelfAttn, dense, param_with_axes,
+                                   trunc_normal)
+
+Dtype = Any
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every block for all L positions of the doubled batch.
+
+  k[i], v[i]: (B2, L, H, head_dim) in the compute dtype; scale si writes
+  positions begin_ends[si] and reads [0, end). Shapes never change while
+  decoding, so the cache lives in one buffer per array for the whole sample.
+  """
+  k: Tuple[jax.Array, ...]
+  v: Tuple[jax.Array, ...]
+
+  @classmethod
+  def zeros(cls, config: VARConfig, batch: int, dtype: Dtype = jnp.float32) -> 'KVCache':
+    shape = (batch, config.L, config.num_heads, config.head_dim)
+    return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(config.depth)),
+               v=tuple(jnp.zeros(shape, dtype) for _ in range(config.depth)))
+
+  @staticmethod
+  def nbytes(config: VARConfig, batch: int, dtype: Dtype = jnp.float32) -> int:
+    return 2 * config.depth * batch * config.L * config.embed_dim * jnp.dtype(dtype).itemsize
+
+
+def level_index(patch_nums: Sequence[int]) -> np.ndarray:
+  """(L,) scale index of every position (the reference's lvl_1L buffer)."""
+  return np.concatenate([np.full(pn * pn, i, np.int32) for i, pn in enumerate(patch_nums)])
+
+
+def block_causal_mask(patch_nums: Sequence[int]) -> np.ndarray:
+  """(L, L) bool: query q may attend key k iff scale(k) <= scale(q)."""
+  lvl = level_index(patch_nums)
+  return lvl[:, None] >= lvl[None, :]
+
+
+def drop_path_rates(config: VARConfig) -> Tuple[float, ...]:
+  """Stochastic depth per block, linearly 0 .. drop_path_rate (torch.linspace in float32)."""
+  return tuple(float(r) for r in np.linspace(0, config.drop_path_rate, config.depth, dtype=np.float32))
+
+
+class VAR(nn.Module):
+  config: VARConfig
+  vocab_size: int
+  Cvae: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None               # None: HIGHEST for float32 compute, default otherwise
+  attention_impl: Optional[str] = 'auto'   # 'exact' einsums, or jax.nn.dot_product_attention's
+  init_std: float = -1.0              # < 0: sqrt(1 / C / 3) like the reference
+  init_adaln: float = 0.5
+  init_adaln_gamma: float = 1e-5
+  init_head: float = 0.02
+
+  @property
+  def _precision(self):
+    if self.precision is not None:
+      return self.precision
+    return jax.lax.Precision.HIGHEST if jnp.dtype(self.dtype) == jnp.float32 else None
+
+  @property
+  def _attention_impl(self):
+    if self.attention_impl != 'auto':
+      return self.attention_impl
+    return 'exact' if jnp.dtype(self.dtype) == jnp.float32 else None
+
+  def setup(self):
+    cfg, C = self.config, self.config.embed_dim
+    emb_std = math.sqrt(1 / C / 3)
+    std = self.init_std if self.init_std >= 0 else emb_std
+    f32 = dict(dtype=jnp.float32, param_dtype=self.param_dtype, precision=self._precision)
+    self.word_embed = dense(C, ('cvae', 'embed'), kernel_init=trunc_normal(std), **f32)
+    self.class_emb = nn.Embed(
+        cfg.num_classes + 1, C, dtype=jnp.float32, param_dtype=self.param_dtype,
+        embedding_init=nn.with_logical_partitioning(trunc_normal(std), ('classes', 'embed')))
+    self.pos_start = param_with_axes(self, 'pos_start', trunc_normal(emb_std), (1, cfg.first_l, C),
+                                     (None, 'seq', 'embed'), self.param_dtype)
+    self.pos_1LC = param_with_axes(self, 'pos_1LC', trunc_normal(emb_std), (1, cfg.L, C),
+                                   (None, 'seq', 'embed'), self.param_dtype)
+    self.lvl_embed = nn.Embed(
+        len(cfg.patch_nums), C, dtype=jnp.float32, param_dtype=self.param_dtype,
+        embedding_init=nn.with_logical_partitioning(trunc_normal(std), ('levels', 'embed')))
+    if cfg.shared_aln:
+      self.shared_ada_lin_1 = dense(6 * C, ('cond', 'adaln'), kernel_init=trunc_normal(std), **f32)
+    dpr = drop_path_rates(cfg)
+    self.blocks = [
+        AdaLNSelfAttn(
+            C, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps, cfg.shared_aln, cfg.attn_l2_norm,
+            cfg.attn_scale, cfg.max_scale_mul, drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate,
+            drop_path=dpr[i], depth=cfg.depth, init_std=std, init_adaln=self.init_adaln,
+            init_adaln_gamma=self.init_adaln_gamma, implementation=self._attention_impl,
+            dtype=self.dtype, param_dtype=self.param_dtype, precision=self._precision)
+        for i in range(cfg.depth)]
+    self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps, init_std=std, init_adaln=self.init_adaln, **f32)
+    self.head = dense(self.vocab_size, ('embed', 'vocab'),
+                      kernel_init=trunc_normal(std, self.init_head), **f32)
+
+  # --- pieces shared by teacher forcing and decoding ------------------------------
+  def condition(self, labels_B: jax.Array):
+    """Class embedding (B, C) f32 and the per-block AdaLN modulations ((B,1,6,C) each)."""
+    cond_BD = self.class_emb(labels_B)
+    gss = cond_BD
+    if self.config.shared_aln:
+      gss = self.shared_ada_lin_1(nn.silu(cond_BD)).reshape(-1, 1, 6, self.config.embed_dim)
+    return cond_BD, tuple(b.ada(gss) for b in self.blocks)
+
+  def lvl_pos(self, begin: int, end: int) -> jax.Array:
+    """(1, end-begin, C) level + absolute position embedding of positions [begin, end)."""
+    lvl = jnp.asarray(level_index(self.config.patch_nums)[begin:end])
+    return self.lvl_embed(lvl)[None] + self.pos_1LC[:, begin:end].astype(jnp.float32)
+
+  def first_token_map(self, cond_BD: jax.Array) -> jax.Array:
+    """Scale 0 input: class embedding + pos_start + lvl/pos, (B, first_l, C) f32."""
+    first_l = self.config.first_l
+    return (cond_BD[:, None] + self.pos_start.astype(jnp.float32)) + self.lvl_pos(0, first_l)
+
+  def next_token_map(self, si: int, x_BlCv: jax.Array) -> jax.Array:
+    """Scale si >= 1 input: word_embed(VQVAE features) + lvl/pos, (B, pn_si^2, C) f32."""
+    begin, end = self.config.begin_ends[si]
+    return self.word_embed(x_BlCv.astype(jnp.float32)) + self.lvl_pos(begin, end)
+
+  def get_logits(self, x_BLC: jax.Array, cond_BD: jax.Array) -> jax.Array:
+    """Head AdaLN on the raw class embedding, then the Linear head, all float32."""
+    return self.head(self.head_nm(x_BLC.astype(jnp.float32), cond_BD)).astype(jnp.float32)
+
+  # --- entry points ---------------------------------------------------------------
+  def __call__(self, labels_B: jax.Array, x_BLCv_wo_first_l: jax.Array, train: bool = False):
+    cfg = self.config
+    B = x_BLCv_wo_first_l.shape[0]
+    if x_BLCv_wo_first_l.shape[1:] != (cfg.L - cfg.first_l, self.Cvae):
+      raise ValueError(f'x_BLCv_wo_first_l must be (B, {cfg.L - cfg.first_l}, {self.Cvae}), '
+                       f'got {x_BLCv_wo_first_l.shape}')
+    labels_B = jnp.asarray(labels_B, jnp.int32)
+    if train and cfg.cond_drop_rate > 0:
+      drop = jax.random.uniform(self.make_rng('dropout'), (B,)) < cfg.cond_drop_rate
+      labels_B = jnp.where(drop, cfg.num_classes, labels_B)
+    cond_BD, ada = self.condition(labels_B)
+    sos = cond_BD[:, None] + self.pos_start.astype(jnp.float32)
+    words = self.word_embed(x_BLCv_wo_first_l.astype(jnp.float32))
+    x_BLC = jnp.concatenate([jnp.broadcast_to(sos, (B,) + sos.shape[1:]), words], axis=1)
+    x_BLC = (x_BLC + self.lvl_pos(0, cfg.L)).astype(self.dtype)
+    mask_LL = block_causal_mask(cfg.patch_nums)
+    for block, ada_B16C in zip(self.blocks, ada):
+      x_BLC, _ = block(x_BLC, ada_B16C, mask_LL=mask_LL, deterministic=not train)
+    return self.get_logits(x_BLC, cond_BD)
+
+  def decode_scale(self, si: int, x_BlC: jax.Array, cond_BD: jax.Array,
+                   ada: Tuple[jax.Array, ...], cache: KVCache):
+    """Scale si's tokens through every block with the KV cache (no mask needed:
+    they see all earlier scales and each other) -> (logits_BlV f32, new cache)."""
+    begin, end = self.config.begin_ends[si]
+    if x_BlC.shape[1] != end - begin:
+      raise ValueError(f'scale {si} has {end - begin} tokens, got {x_BlC.shape[1]}')
+    x = x_BlC.astype(self.dtype)
+    ks, vs = [], []
+    for block, ada_B16C, k, v in zip(self.blocks, ada, cache.k, cache.v):
+      x, (k, v) = block(x, ada_B16C, kv=(k, v), begin=begin)
+      ks.append(k)
+      vs.append(v)
+    return self.get_logits(x, cond_BD), KVCache(k=tuple(ks), v=tuple(vs))
+
+
+# --- plain-function helpers -----------------------------------------------------
+def dummy_inputs(config: VARConfig, Cvae: int, batch: int = 1):
+  return (jnp.zeros((batch,), jnp.int32), jnp.zeros((batch, config.L - config.first_l, Cvae), jnp.float32))
+
+
+def init_params(rng: jax.Array, config: VARConfig, vocab_size: int, Cvae: int, *,
+                init_std: float = -1.0, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5,
+                init_head: float = 0.02, param_dtype: Dtype = jnp.float32, boxed: bool = False):
+  """Reference-initialised parameters (`VAR.init_weights` with these multipliers).
+
+  boxed=True keeps the nn.LogicallyPartitioned boxes (for sharding rules); wrap in
+  jax.eval_shape for abstract shapes or in jax.jit(out_shardings=...) to create
+  them sharded.
+  """
+  model = VAR(config, vocab_size, Cvae, param_dtype=param_dtype, init_std=init_std,
+              init_adaln=init_adaln, init_adaln_gamma=init_adaln_gamma, init_head=init_head)
+  params = model.init({'params': rng}, *dummy_inputs(config, Cvae))['params']
+  return params if boxed else nn.meta.unbox(params)
