@@ -1,1 +1,31 @@
-"""var_jax: VAR (next-scale prediction) in JAX/Flax."""
+"""var_jax: VAR (next-scale prediction) in JAX/Flax.
+
+    import var_jax
+    pipe = var_jax.from_torch('vae_ch160v4096z32.pth', 'var_d16.pth')
+    images, tokens = pipe.sample([207, 360])
+
+The names below are imported lazily, so `import var_jax` does not import jax.
+"""
+import importlib
+
+_EXPORTS = {
+    'from_torch': 'var_jax.pipeline',
+    'load': 'var_jax.pipeline',
+    'Pipeline': 'var_jax.pipeline',
+    'ModelConfig': 'var_jax.config',
+    'VQVAEConfig': 'var_jax.config',
+    'VARConfig': 'var_jax.config',
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+  return sorted(list(globals()) + __all__)

@@ -219,3 +219,26 @@ def reference_sort_key(key: str):
 
 def _natural(name: str):
   return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
+
+
+# --- expected trees ----------------------------------------------------------
+
+def abstract_params(config, *, what: str):
+  """The unboxed parameter tree of the VQVAE or VAR of a ModelConfig, as
+  ShapeDtypeStructs (`jax.eval_shape` of init: nothing is allocated)."""
+  import jax
+  import jax.numpy as jnp
+  from flax.linen import meta
+  if what == VQVAE:
+    from var_jax.tokenizer.vqvae import VQVAE as Module
+    size, cin = config.vae.image_size, config.vae.in_channels
+    model, args = Module(config.vae), (jnp.zeros((1, size, size, cin), jnp.float32),)
+  else:
+    if config.var is None:
+      raise ValueError('the config has no VAR section')
+    from var_jax.models.var import VAR as Module
+    model = Module(config.var, vocab_size=config.vae.vocab_size, Cvae=config.vae.Cvae)
+    args = (jnp.zeros((1,), jnp.int32),
+            jnp.zeros((1, config.var.L - config.var.first_l, config.vae.Cvae), jnp.float32))
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args))
+  return meta.unbox(variables['params'])

@@ -1,0 +1,280 @@
+"""The user-facing bundle of a VQVAE and (optionally) a VAR: encode, decode, score, sample.
+
+    pipe = var_jax.from_torch('vae_ch160v4096z32.pth', 'var_d16.pth')   # config inferred
+    images, tokens = pipe.sample([207, 360], cfg=1.5, seed=0)           # NHWC in [0, 1]
+    pipe.save('ckpt/d16'); pipe = var_jax.load('ckpt/d16')
+
+Images are NHWC float32 in [-1, 1] (sample returns [0, 1] like the reference);
+tokens are a list of int32 (B, pn*pn) arrays, one per scale, raster order.
+Inputs are validated eagerly (ValueError naming what is wrong); the jitted
+functions are built once per Pipeline and reused.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from var_jax.config import ModelConfig
+from var_jax.convert import mapping
+from var_jax.convert.infer import infer_config
+from var_jax.convert.torch_io import load_pth, save_pth
+
+RANGE_TOL = 1e-3  # images may overshoot [-1, 1] by this much (rounding in preprocessing)
+
+
+def as_config(config: Any) -> ModelConfig:
+  """A ModelConfig from a ModelConfig, a config.json-style dict, JSON text or a path to one."""
+  if isinstance(config, ModelConfig):
+    return config
+  if isinstance(config, Mapping):
+    return ModelConfig.from_dict(config)
+  if isinstance(config, (str, os.PathLike)):
+    text = os.fspath(config)
+    if not text.lstrip().startswith('{') and not os.path.isfile(text):
+      raise FileNotFoundError(f'config file not found: {text}')
+    return ModelConfig.from_json(text)
+  raise TypeError(f'config must be a ModelConfig, a dict or a JSON path, got {type(config).__name__}')
+
+
+class Pipeline:
+  """A VQVAE (+ VAR) with its config and parameters."""
+
+  def __init__(self, config: ModelConfig, vae_params: Any, var_params: Any = None, *,
+               buffers: Optional[Mapping[str, Mapping[str, np.ndarray]]] = None,
+               dtype: Any = jnp.float32):
+    if not isinstance(config, ModelConfig):
+      raise TypeError(f'config must be a ModelConfig, got {type(config).__name__}')
+    if var_params is not None and config.var is None:
+      raise ValueError('VAR params were given but the config has no VAR section')
+    self.config = config
+    self.vae_params = jax.device_put(vae_params)
+    self.var_params = jax.device_put(var_params) if var_params is not None else None
+    if self.var_params is None and config.var is not None:
+      self.config = ModelConfig(vae=config.vae, var=None)
+    self.buffers = {k: dict(v) for k, v in (buffers or {}).items()}
+    self.dtype = dtype
+    self._fns: Dict[Any, Callable] = {}
+
+  def __repr__(self):
+    var = self.config.var
+    what = f'VAR depth {var.depth}, width {var.embed_dim}' if var else 'no VAR'
+    return (f'Pipeline({self.config.image_size}px, vocab {self.config.vae.vocab_size}, '
+            f'patch_nums {self.config.patch_nums}, {what})')
+
+  # --- modules and jitted functions ---------------------------------------------
+  @property
+  def vqvae(self):
+    from var_jax.tokenizer.vqvae import VQVAE
+    return VQVAE(self.config.vae, dtype=self.dtype)
+
+  @property
+  def var(self):
+    from var_jax.models.var import VAR
+    self._require_var()
+    return VAR(self.config.var, vocab_size=self.config.vae.vocab_size,
+               Cvae=self.config.vae.Cvae, dtype=self.dtype)
+
+  def _require_var(self):
+    if self.config.var is None:
+      raise ValueError('this pipeline has no VAR transformer (convert with a VAR checkpoint)')
+
+  def _jit(self, name: str) -> Callable:
+    if name not in self._fns:
+      vqvae = self.vqvae
+      if name == 'encode':
+        fn = lambda p, img: vqvae.apply({'params': p}, img, method='img_to_idx')
+      elif name == 'decode':
+        fn = lambda p, idx: vqvae.apply({'params': p}, idx, method='idx_to_img')
+      elif name == 'logits':
+        var = self.var
+        def fn(vae_p, var_p, labels, idx):
+          x_BLCv = vqvae.apply({'params': vae_p}, idx, method='idx_to_var_input')
+          return var.apply({'params': var_p}, labels, x_BLCv)
+      else:
+        raise KeyError(name)
+      self._fns[name] = jax.jit(fn)
+    return self._fns[name]
+
+  # --- validation ------------------------------------------------------------------
+  def check_images(self, images: Any) -> jax.Array:
+    """NHWC float images of the model's size in [-1, 1] (small tolerance)."""
+    size, cin = self.config.image_size, self.config.vae.in_channels
+    x = images if isinstance(images, jax.Array) else np.asarray(images)
+    if x.ndim != 4:
+      raise ValueError(f'images must be a 4-D NHWC batch (B, {size}, {size}, {cin}), got shape '
+                       f'{tuple(x.shape)}')
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f'images must be floats in [-1, 1], got dtype {x.dtype} '
+                       '(for uint8 pixels use x / 127.5 - 1)')
+    if tuple(x.shape[1:]) != (size, size, cin):
+      hint = ' (NCHW? transpose to NHWC)' if x.shape[1] == cin else ''
+      raise ValueError(f'images must be {size}x{size} with {cin} channels, NHWC (B, {size}, {size}, '
+                       f'{cin}); got {tuple(x.shape)}{hint}')
+    lo, hi = float(x.min()), float(x.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1 - RANGE_TOL or hi > 1 + RANGE_TOL:
+      raise ValueError(f'images must be in [-1, 1], got values in [{lo:.4g}, {hi:.4g}] '
+                       '(for [0, 1] images use 2 * x - 1)')
+    return jnp.asarray(x, jnp.float32)
+
+  def check_tokens(self, tokens: Sequence[Any]) -> List[jax.Array]:
+    """One int (B, pn*pn) (or (B, pn, pn)) map per scale, codes in [0, vocab)."""
+    pns, vocab = self.config.patch_nums, self.config.vae.vocab_size
+    if isinstance(tokens, (np.ndarray, jax.Array)) or not isinstance(tokens, Sequence):
+      raise ValueError(f'tokens must be a list of {len(pns)} token maps (one per scale), '
+                       f'got {type(tokens).__name__}')
+    if len(tokens) != len(pns):
+      raise ValueError(f'expected {len(pns)} token maps for patch_nums {pns}, got {len(tokens)}')
+    out, batch = [], None
+    for si, (t, pn) in enumerate(zip(tokens, pns)):
+      t = np.asarray(t)
+      if t.ndim == 3 and t.shape[1:] == (pn, pn):
+        t = t.reshape(t.shape[0], pn * pn)
+      if t.ndim != 2 or t.shape[1] != pn * pn:
+        raise ValueError(f'token map {si} (scale {pn}x{pn}) must have shape (B, {pn * pn}), got '
+                         f'{tuple(t.shape)}')
+      if not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f'token map {si} must hold integers, got dtype {t.dtype}')
+      if batch is None:
+        batch = t.shape[0]
+      elif t.shape[0] != batch:
+        raise ValueError(f'token map {si} has batch {t.shape[0]}, token map 0 has {batch}')
+      if t.size and (t.min() < 0 or t.max() >= vocab):
+        raise ValueError(f'token map {si} has codes in [{t.min()}, {t.max()}], outside [0, {vocab})')
+      out.append(jnp.asarray(t, jnp.int32))
+    return out
+
+  def check_labels(self, labels: Any, batch: Optional[int] = None) -> jax.Array:
+    """Class labels, integers in [0, num_classes)."""
+    self._require_var()
+    n = self.config.var.num_classes
+    y = np.asarray(labels)
+    if y.ndim == 0:
+      y = y[None]
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+      raise ValueError(f'labels must be a 1-D array of integers, got shape {y.shape} dtype {y.dtype}')
+    if y.size and (y.min() < 0 or y.max() >= n):
+      bad = y[(y < 0) | (y >= n)]
+      raise ValueError(f'labels must be in [0, {n}) (num_classes={n}), got {bad.tolist()[:8]}')
+    if batch is not None and y.shape[0] != batch:
+      raise ValueError(f'{y.shape[0]} labels for a batch of {batch} token maps')
+    return jnp.asarray(y, jnp.int32)
+
+  # --- model functions ---------------------------------------------------------------
+  def encode(self, images: Any) -> List[jax.Array]:
+    """Token maps (int32 (B, pn*pn) per scale) of NHWC images in [-1, 1]."""
+    return self._jit('encode')(self.vae_params, self.check_images(images))
+
+  def decode(self, tokens: Sequence[Any]) -> jax.Array:
+    """Images NHWC in [-1, 1] from token maps."""
+    return self._jit('decode')(self.vae_params, self.check_tokens(tokens))
+
+  def reconstruct(self, images: Any) -> jax.Array:
+    return self.decode(self.encode(images))
+
+  def logits(self, labels: Any, tokens: Sequence[Any]) -> jax.Array:
+    """Teacher-forced VAR logits (B, L, vocab) float32 (eval mode, no class dropout)."""
+    self._require_var()
+    idx = self.check_tokens(tokens)
+    y = self.check_labels(labels, batch=idx[0].shape[0])
+    return self._jit('logits')(self.vae_params, self.var_params, y, idx)
+
+  def sample(self, labels: Any, *, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
+             seed: int = 0, more_smooth: bool = False, dtype: Any = None,
+             mesh: Any = None) -> Tuple[jax.Array, List[jax.Array]]:
+    """Class-conditional samples: (images NHWC in [0, 1], token maps)."""
+    self._require_var()
+    check_sampling_args(cfg, top_k, top_p, self.config.vae.vocab_size)
+    y = self.check_labels(labels)
+    from var_jax import sampler
+    return sampler.sample(self.config, self.vae_params, self.var_params, y, cfg=cfg, top_k=top_k,
+                          top_p=top_p, seed=seed, more_smooth=more_smooth,
+                          dtype=dtype if dtype is not None else self.dtype, mesh=mesh)
+
+  # --- persistence -------------------------------------------------------------------
+  def save(self, directory: str | os.PathLike, *, force: bool = False):
+    """A native checkpoint (orbax params + config.json); see var_jax.checkpoint."""
+    from var_jax import checkpoint
+    return checkpoint.save(directory, self.config, self.vae_params, self.var_params,
+                           buffers=self.buffers, force=force)
+
+  def state_dicts(self) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, np.ndarray]]]:
+    """The reference state dicts (numpy, torch layout and key order)."""
+    vae = mapping.params_to_state_dict(jax.device_get(self.vae_params), self.buffers.get('vae'),
+                                       config=self.config.vae, what=mapping.VQVAE)
+    var = None
+    if self.var_params is not None:
+      var = mapping.params_to_state_dict(jax.device_get(self.var_params), self.buffers.get('var'),
+                                         config=self.config.var, what=mapping.VAR)
+    return vae, var
+
+  def to_torch(self, vae_path: str | os.PathLike, var_path: str | os.PathLike | None = None):
+    """Writes reference-format .pth files (torch.load(..., weights_only=True) reads them)."""
+    vae, var = self.state_dicts()
+    if var_path is not None and var is None:
+      raise ValueError('this pipeline has no VAR to export')
+    save_pth(vae, vae_path)
+    if var_path is not None:
+      save_pth(var, var_path)
+
+
+def check_sampling_args(cfg: float, top_k: int, top_p: float, vocab: int) -> None:
+  if not np.isfinite(cfg) or cfg < 0:
+    raise ValueError(f'cfg (guidance scale) must be >= 0, got {cfg}')
+  if int(top_k) != top_k or not 0 <= top_k <= vocab:
+    raise ValueError(f'top_k must be an integer in [0, {vocab}] (0 disables it), got {top_k}')
+  if not 0 <= top_p < 1:
+    raise ValueError(f'top_p must be in [0, 1) (0 disables it), got {top_p}')
+
+
+# --- construction -------------------------------------------------------------------
+
+def _convert(sd, config: ModelConfig, what: str, path) -> Tuple[Any, Dict[str, np.ndarray]]:
+  try:
+    return mapping.state_dict_to_params(sd, mapping.abstract_params(config, what=what), what=what,
+                                        config=config.vae if what == mapping.VQVAE else config.var)
+  except ValueError as e:
+    raise ValueError(f'{os.fspath(path)}: {e}') from e
+
+
+def _check_derived(buffers: Mapping[str, np.ndarray], config: ModelConfig, path) -> Dict[str, np.ndarray]:
+  """The VAR's derived buffers must be what the config implies (patch_nums!); drop them."""
+  want = mapping.make_buffers(config.var, what=mapping.VAR)
+  for key, value in buffers.items():
+    if key in want and not np.array_equal(np.asarray(value), want[key]):
+      raise ValueError(f'{os.fspath(path)}: buffer {key} does not match the config '
+                       f'(patch_nums {config.patch_nums}); the checkpoint was built with another '
+                       'schedule: pass the right config')
+  return {k: v for k, v in buffers.items() if k not in want}
+
+
+def from_torch(vae_path: str | os.PathLike, var_path: str | os.PathLike | None = None,
+               config: Any = None, *, dtype: Any = jnp.float32) -> Pipeline:
+  """A Pipeline from reference .pth files; the config is inferred when not given."""
+  vae_sd = load_pth(vae_path)
+  var_sd = load_pth(var_path) if var_path is not None else None
+  if config is None:
+    cfg = infer_config(vae_sd, var_sd)
+  else:
+    cfg = as_config(config)
+    if var_sd is not None and cfg.var is None:
+      raise ValueError("the config has no 'var' section but a VAR checkpoint was given")
+  if var_sd is None:
+    cfg = ModelConfig(vae=cfg.vae, var=None)
+  vae_params, vae_bufs = _convert(vae_sd, cfg, mapping.VQVAE, vae_path)
+  buffers = {'vae': dict(vae_bufs)}
+  var_params = None
+  if var_sd is not None:
+    var_params, var_bufs = _convert(var_sd, cfg, mapping.VAR, var_path)
+    buffers['var'] = _check_derived(var_bufs, cfg, var_path)
+  return Pipeline(cfg, vae_params, var_params, buffers=buffers, dtype=dtype)
+
+
+def load(directory: str | os.PathLike, *, dtype: Any = jnp.float32) -> Pipeline:
+  """A Pipeline from a native checkpoint directory (see var_jax.checkpoint)."""
+  from var_jax import checkpoint
+  config, vae_params, var_params, buffers = checkpoint.restore(directory)
+  return Pipeline(config, vae_params, var_params, buffers=buffers, dtype=dtype)
