@@ -100,6 +100,8 @@ def state_dict_to_params(sd: Mapping[str, Any], abstract_params: Mapping[str, An
   `abstract_params`: the unboxed expected tree (arrays or ShapeDtypeStructs, e.g.
   from `jax.eval_shape(module.init, ...)`). Params come back as numpy arrays in
   the expected dtypes; buffers as the state dict's own arrays, in its order.
+  Shape-only values (e.g. jax.ShapeDtypeStruct) give ShapeDtypeStructs: the
+  mapping of a billion-parameter release file is checked without allocating it.
   Raises ValueError listing every missing, unexpected or mis-shaped key.
   """
   expected = naming.flatten(abstract_params)
@@ -126,8 +128,7 @@ def state_dict_to_params(sd: Mapping[str, Any], abstract_params: Mapping[str, An
       problems.append(f'{key}: checkpoint shape {shape}, expected {want}')
       reported.add(path)
       continue
-    arr = naming.torch_to_flax_array(path[-1], np.asarray(value))
-    flat[path] = arr.astype(np.dtype(expected[path].dtype), copy=False)
+    flat[path] = _to_flax(path, value, expected[path])
   for path, leaf in expected.items():
     if path not in flat and path not in reported:
       problems.append(f'{naming.path_to_torch_key(path)}: missing from the checkpoint '
@@ -138,6 +139,15 @@ def state_dict_to_params(sd: Mapping[str, Any], abstract_params: Mapping[str, An
     raise ValueError(f'{what} state dict does not match the config ({len(problems)} problem(s)):'
                      f'\n  {listed}{more}')
   return naming.unflatten(flat), buffers
+
+
+def _to_flax(path: naming.Path, value: Any, leaf: Any):
+  """Torch array -> Flax layout and dtype; a shape-only value (ShapeDtypeStruct) stays abstract."""
+  dtype = np.dtype(leaf.dtype)
+  if not hasattr(value, '__array__'):
+    import jax
+    return jax.ShapeDtypeStruct(_shape(leaf), dtype)
+  return naming.torch_to_flax_array(path[-1], np.asarray(value)).astype(dtype, copy=False)
 
 
 def _fmt(shape) -> str:
