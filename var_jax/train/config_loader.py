@@ -119,3 +119,13 @@ def _coerce(key: str, old: Any, raw: str) -> Any:
   except (ValueError, SyntaxError) as e:
     raise ValueError(f'config key {key!r} expects {type(old).__name__}, got {raw!r}') from e
   raise ValueError(f'config key {key!r} has unsupported type {type(old).__name__}')
+
+
+def import_sibling(config_file: str, name: str):
+  """Imports `name`.py from the folder of `config_file` (configs share helpers this way)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name + '.py')
+  mod_name = '_var_jax_config_' + name
+  spec = importlib.util.spec_from_file_location(mod_name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -1,0 +1,24 @@
+"""VAR-30 on ImageNet 256 px: the reference recipe (README: --depth=30 --bs=1024 --ep=350 --tblr=8e-5 --fp16=1 --alng=1e-5 --wpe=0.01 --twde=0.08).
+
+Command (8 hosts x 8 accelerators or any mesh; batch is global):
+  var-jax train --config configs/var_d30.py --workdir gs://BUCKET/var_d30 \
+    --config.data.path=/data/imagenet   # train/<class>/*.JPEG, val/<class>/*.JPEG
+  # TFDS instead: --config.data.kind=tfds --config.data.tfds_name=imagenet2012 --config.data.path=TFDS_DIR
+  # bigger models: --config.mesh.fsdp=8 (FSDP) and/or --config.mesh.tensor=N
+
+Hardware/time: not run at full scale in this repository. The reference trained it
+on A100 nodes in fp16; this port uses bf16 compute with f32 master weights.
+Expected result (reference model zoo, 50k samples, cfg 1.5): FID 1.97, about 2.0B params.
+The frozen tokenizer is the released vae_ch160v4096z32.pth (config.vae.checkpoint).
+"""
+from var_jax.train.config_loader import import_sibling
+
+common = import_sibling(__file__, 'common')
+
+
+def get_config():
+  return common.var_config(
+      depth=30, patch_nums=common.PN_256,
+      **{'batch_size': 1024, 'ep': 350, 'optim.tblr': 8e-5, 'model.alng': 1e-5,
+         'optim.wpe': 0.01, 'optim.twde': 0.08, 'model.shared_aln': False,
+         'run.save_every': 2000, 'run.log_every': 100, 'mesh.fsdp': 8})
