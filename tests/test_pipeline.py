@@ -1,0 +1,160 @@
+"""Pipeline on the reference fixtures: tokens exact, images/logits within 1e-4; native
+checkpoints round-trip exactly; bad inputs and bad checkpoints fail with clear messages."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import get_fixture
+
+import var_jax
+from var_jax.checkpoint import CheckpointError
+from var_jax.convert.torch_io import load_pth
+
+TOL = 1e-4
+_PIPES = {}
+
+
+def pipeline(name):
+  if name not in _PIPES:
+    fx = get_fixture(name)
+    _PIPES[name] = var_jax.from_torch(fx.dir / 'vae.pth', fx.dir / 'var.pth',
+                                      config=fx.dir / 'config.json')
+  return _PIPES[name]
+
+
+def tokens_of(fx):
+  return [fx.io[f'idx_{k}'] for k in range(len(fx.config.patch_nums))]
+
+
+def test_matches_reference(fx):
+  pipe = pipeline(fx.name)
+  assert pipe.config == fx.config
+  idx = pipe.encode(fx.nhwc('img'))
+  assert len(idx) == len(fx.config.patch_nums)
+  for k, t in enumerate(idx):
+    assert t.dtype == np.int32
+    np.testing.assert_array_equal(np.asarray(t), fx.io[f'idx_{k}'], err_msg=f'scale {k}')
+  img = np.asarray(pipe.decode(idx))
+  np.testing.assert_allclose(img, fx.nhwc('recon'), atol=TOL, rtol=0)
+  logits = np.asarray(pipe.logits(fx.io['label'], tokens_of(fx)))
+  assert logits.dtype == np.float32 and logits.shape == fx.io['logits'].shape
+  np.testing.assert_allclose(logits, fx.io['logits'], atol=TOL, rtol=0)
+
+
+def test_config_forms_and_inference():
+  fx = get_fixture('tiny10')
+  inferred = var_jax.from_torch(fx.dir / 'vae.pth', fx.dir / 'var.pth')  # L=680: release schedule
+  for f in ('num_classes', 'depth', 'embed_dim', 'num_heads', 'patch_nums'):
+    assert getattr(inferred.config.var, f) == getattr(fx.config.var, f)
+  assert inferred.config.vae == fx.config.vae
+  as_dict = var_jax.from_torch(fx.dir / 'vae.pth', config=fx.raw_config)  # VQVAE only
+  assert as_dict.config.var is None and as_dict.config.vae == fx.config.vae
+  with pytest.raises(ValueError, match='no VAR'):
+    as_dict.logits([0], tokens_of(fx))
+
+
+def test_mismatched_config_is_a_clear_error():
+  fx = get_fixture('tiny4')
+  raw = json.loads(json.dumps(fx.raw_config))
+  raw['var']['num_heads'] = 4
+  with pytest.raises(ValueError, match=r'(?s)var\.pth.*scale_mul_1H11.*\(1, 2, 1, 1\).*\(1, 4, 1, 1\)'):
+    var_jax.from_torch(fx.dir / 'vae.pth', fx.dir / 'var.pth', config=raw)
+  raw = json.loads(json.dumps(fx.raw_config))
+  raw['vae']['vocab_size'] = 32
+  with pytest.raises(ValueError, match=r'(?s)quantize\.embedding\.weight.*\(64, 8\).*\(32, 8\)'):
+    var_jax.from_torch(fx.dir / 'vae.pth', config=raw)
+
+
+def test_save_load_round_trip_and_export(tmp_path):
+  fx = get_fixture('tiny4')
+  pipe = pipeline('tiny4')
+  pipe.save(tmp_path / 'ckpt')
+  assert (tmp_path / 'ckpt' / 'config.json').is_file()
+  loaded = var_jax.load(tmp_path / 'ckpt')
+  assert loaded.config == pipe.config
+  np.testing.assert_array_equal(np.asarray(loaded.logits(fx.io['label'], tokens_of(fx))),
+                                np.asarray(pipe.logits(fx.io['label'], tokens_of(fx))))
+  for a, b in zip(loaded.encode(fx.nhwc('img')), pipe.encode(fx.nhwc('img'))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # export after the native round trip: the original files, bit for bit
+  loaded.to_torch(tmp_path / 'vae.pth', tmp_path / 'var.pth')
+  for part in ('vae', 'var'):
+    a, b = load_pth(fx.dir / f'{part}.pth'), load_pth(tmp_path / f'{part}.pth')
+    assert list(a) == list(b)
+    assert all(a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_save_never_overwrites_without_force(tmp_path):
+  pipe = pipeline('tiny4')
+  target = tmp_path / 'ckpt'
+  target.mkdir()
+  (target / 'keep.txt').write_text('precious')
+  with pytest.raises(FileExistsError, match='not empty'):
+    pipe.save(target)
+  assert (target / 'keep.txt').read_text() == 'precious'
+  pipe.save(target, force=True)
+  assert not (target / 'keep.txt').exists() and var_jax.load(target).config == pipe.config
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']  # no temporary leftovers
+
+
+def test_load_errors(tmp_path):
+  pipe = pipeline('tiny4')
+  with pytest.raises(FileNotFoundError, match='not found'):
+    var_jax.load(tmp_path / 'absent')
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(CheckpointError, match='not a var-jax checkpoint'):
+    var_jax.load(tmp_path / 'empty')
+  good = tmp_path / 'good'
+  pipe.save(good)
+
+  def variant(name):
+    d = tmp_path / name
+    shutil.copytree(good, d)
+    return d
+  d = variant('noconfig')
+  (d / 'config.json').unlink()
+  with pytest.raises(CheckpointError, match='config.json is missing'):
+    var_jax.load(d)
+  d = variant('mismatch')  # the config says 4 heads, the params have 2
+  cfg = json.loads((d / 'config.json').read_text())
+  cfg['var']['num_heads'] = 4
+  (d / 'config.json').write_text(json.dumps(cfg))
+  with pytest.raises(CheckpointError, match=r'(?s)scale_mul_1H11: stored \(1, 2, 1, 1\).*expected \(1, 4, 1, 1\)'):
+    var_jax.load(d)
+  d = variant('corrupt')
+  for f in (d / 'params').rglob('*'):
+    if f.is_file() and f.stat().st_size > 1000:
+      f.write_bytes(b'\0' * 100)
+  with pytest.raises(CheckpointError, match='corrupt'):
+    var_jax.load(d)
+
+
+def test_bad_inputs_are_named():
+  fx = get_fixture('tiny4')
+  pipe = pipeline('tiny4')
+  img = fx.nhwc('img')
+  with pytest.raises(ValueError, match='64x64'):
+    pipe.encode(np.zeros((1, 32, 32, 3), np.float32))
+  with pytest.raises(ValueError, match='NCHW'):
+    pipe.encode(fx.io['img'])
+  with pytest.raises(ValueError, match=r'\[-1, 1\]'):
+    pipe.encode(img * 3)
+  with pytest.raises(ValueError, match='4-D'):
+    pipe.encode(img[0])
+  with pytest.raises(ValueError, match='dtype uint8'):
+    pipe.encode(np.zeros((1, 64, 64, 3), np.uint8))
+  toks = tokens_of(fx)
+  with pytest.raises(ValueError, match=r'token map 2 \(scale 3x3\) must have shape \(B, 9\)'):
+    pipe.decode(toks[:2] + [toks[2][:, :4]] + toks[3:])
+  with pytest.raises(ValueError, match='expected 4 token maps'):
+    pipe.decode(toks[:3])
+  with pytest.raises(ValueError, match=r'outside \[0, 64\)'):
+    pipe.decode(toks[:3] + [toks[3] + 64])
+  with pytest.raises(ValueError, match=r'labels must be in \[0, 10\)'):
+    pipe.logits([3, 10], toks)
+  with pytest.raises(ValueError, match='2 token maps'):
+    pipe.logits([3, 4, 5], toks)
+  np.testing.assert_array_equal(  # (B, pn, pn) maps are accepted too
+      np.asarray(pipe.decode([t.reshape(2, pn, pn) for t, pn in zip(toks, fx.config.patch_nums)])),
+      np.asarray(pipe.decode(toks)))
