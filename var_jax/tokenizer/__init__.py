@@ -1,0 +1,5 @@
+"""VQVAE tokenizer: encoder/decoder (layers), multi-scale quantizer, and the VQVAE module."""
+from var_jax.tokenizer.quantizer import MultiScaleQuantizer
+from var_jax.tokenizer.vqvae import VQVAE
+
+__all__ = ['VQVAE', 'MultiScaleQuantizer']

@@ -1,0 +1,317 @@
+"""VQVAE tokenizer: parameter names/shapes, parity with the reference fixtures, training path."""
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax.linen import meta
+
+from conftest import FIXTURES, get_fixture
+from var_jax.config import ModelConfig, VQVAEConfig
+from var_jax.convert import naming
+from var_jax.tokenizer import VQVAE
+
+TOL = 1e-4
+BUFFERS = ('quantize.ema_vocab_hit_SV',)
+
+
+def abstract_params(model: VQVAE, boxed: bool = False):
+  """Param tree of `model` as ShapeDtypeStructs (nothing allocated)."""
+  S, C = model.config.image_size, model.config.in_channels
+  tree = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, S, S, C))))
+  return tree['params'] if boxed else meta.unbox(tree['params'])
+
+
+def params_from_state_dict(model: VQVAE, sd) -> dict:
+  """Test-only converter: reference state dict -> Flax params via the naming rule."""
+  flat = naming.flatten(abstract_params(model))
+  out = {}
+  for key, value in sd.items():
+    path = naming.resolve_path(key, flat)
+    if path is None:
+      assert key in BUFFERS, f'unmapped torch key {key}'
+      continue
+    arr = naming.torch_to_flax_array(path[-1], value)
+    assert arr.shape == flat[path].shape, (key, arr.shape, flat[path].shape)
+    out[path] = jnp.asarray(arr)
+  assert set(out) == set(flat), set(flat) - set(out)
+  return naming.unflatten(out)
+
+
+def check_names(model: VQVAE, keys_shapes):
+  """Every torch key (bar buffers) resolves to a Flax param of the same shape, and back."""
+  flat = naming.flatten(abstract_params(model))
+  mapped = set()
+  for key, shape in keys_shapes.items():
+    path = naming.resolve_path(key, flat)
+    if key in BUFFERS:
+      assert path is None
+      continue
+    assert path is not None, f'torch key {key} has no Flax param'
+    assert naming.path_to_torch_key(path) == key
+    want = naming.torch_to_flax_array(path[-1], np.zeros(shape, np.float32)).shape
+    assert flat[path].shape == want, (key, flat[path].shape, want)
+    mapped.add(path)
+  assert set(flat) == mapped, f'Flax params without torch key: {set(flat) - mapped}'
+  return flat
+
+
+def _apply(model, method):
+  return jax.jit(lambda p, *a: model.apply({'params': p}, *a, method=method))
+
+
+@functools.lru_cache(maxsize=None)
+def run(name: str):
+  """The fixture's VQVAE methods on the fixture inputs, all in one jitted program."""
+  fx = get_fixture(name)
+  model = VQVAE(fx.config.vae)
+  p = params_from_state_dict(model, fx.vae_sd)
+  S = len(fx.config.patch_nums)
+  idx_ref = [jnp.asarray(fx.io[f'idx_{k}']) for k in range(S)]
+
+  @jax.jit
+  def everything(p, img, enc_f_ref, fhat_ref, idx_ref):
+    call = lambda method, *a: model.apply({'params': p}, *a, method=method)
+    out = {'f': call('encode_f', img)}
+    out['idx'], out['fhats'] = call('f_to_idx_and_fhats', out['f'])
+    out['fhats_from_ref_f'] = call('f_to_fhats', enc_f_ref)
+    out['img_idx'] = call('img_to_idx', img)
+    out['recon'] = call('decode_fhat', out['fhats'][-1])
+    out['fhat_to_img'] = call('decode_fhat', fhat_ref)
+    out['idx_to_img'] = call('idx_to_img', idx_ref)
+    out['idx_to_fhat'] = call('idx_to_fhat', idx_ref)
+    out['var_input'] = call('idx_to_var_input', idx_ref)
+    return out
+
+  out = everything(p, jnp.asarray(fx.nhwc('img')), jnp.asarray(fx.nhwc('enc_f')),
+                   jnp.asarray(fx.nhwc(f'fhat_{S - 1}')), idx_ref)
+  return dict(out, model=model, params=p, idx_ref=idx_ref, S=S)
+
+
+def maxerr(a, b):
+  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+# --- names and shapes ----------------------------------------------------------------------
+def test_param_names_match_fixture_state_dict(fx):
+  check_names(VQVAE(fx.config.vae), {k: v.shape for k, v in fx.vae_sd.items()})
+
+
+def test_param_tree_matches_release_checkpoint():
+  entry = json.loads((FIXTURES / 'release_shapes.json').read_text())['models']['vae_ch160v4096z32.pth']
+  cfg = ModelConfig.from_dict({'vae': entry['constructor'], 'vae_ddconfig': entry['ddconfig']}).vae
+  assert cfg == VQVAEConfig()   # the defaults are the release
+  flat = check_names(VQVAE(cfg), {k: tuple(v['shape']) for k, v in entry['state_dict'].items()})
+  assert sum(int(np.prod(v.shape)) for v in flat.values()) == entry['num_parameters']
+
+
+def test_every_param_has_logical_axes():
+  boxed = abstract_params(VQVAE(get_fixture('tiny4').config.vae), boxed=True)
+  leaves = jax.tree_util.tree_leaves_with_path(
+      boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  allowed = {'conv_h', 'conv_w', 'conv_in', 'conv_out', 'norm', 'codebook', 'cvae'}
+  for path, leaf in leaves:
+    assert isinstance(leaf, nn.Partitioned), path
+    assert len(leaf.names) == leaf.value.ndim and set(leaf.names) <= allowed, (path, leaf.names)
+
+
+@pytest.mark.parametrize('share, quant_resi, want', [
+    (0, 0.5, ['quantize.quant_resi.0.weight', 'quantize.quant_resi.2.bias']),
+    (1, 0.5, ['quantize.quant_resi.qresi.weight', 'quantize.quant_resi.qresi.bias']),
+    (2, -0.5, ['quantize.quant_resi.qresi_ls.0.weight', 'quantize.quant_resi.qresi_ls.1.bias']),
+    (4, 1e-7, []),
+])
+def test_phi_layouts(share, quant_resi, want):
+  cfg = VQVAEConfig(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 1), num_res_blocks=1,
+                    v_patch_nums=(1, 2, 3), share_quant_resi=share, quant_resi=quant_resi)
+  model = VQVAE(cfg)
+  keys = {naming.path_to_torch_key(p) for p in naming.flatten(abstract_params(model))}
+  phi_keys = {k for k in keys if k.startswith('quantize.quant_resi')}
+  assert set(want) <= phi_keys
+  assert len(phi_keys) == 2 * (cfg.num_phi if cfg.phi_enabled else 0)
+  # every layout runs end to end, and idx -> f_hat agrees with the encoder's f_hat
+
+  @jax.jit
+  def go(img):
+    p = meta.unbox(model.init(jax.random.PRNGKey(1), img)['params'])
+    f = model.apply({'params': p}, img, method='encode_f')
+    idx, fhats = model.apply({'params': p}, f, method='f_to_idx_and_fhats')
+    return idx, fhats[-1], model.apply({'params': p}, idx, method='idx_to_fhat')
+
+  idx, fhat, fhat_from_idx = go(jax.random.uniform(jax.random.PRNGKey(2), (2, 6, 6, 3), minval=-1))
+  assert [i.shape for i in idx] == [(2, 1), (2, 4), (2, 9)]
+  np.testing.assert_allclose(fhat_from_idx, fhat, atol=1e-5)
+
+
+def test_identity_phi_and_znorm():
+  """quant_resi ~ 0: f_hat is the sum of the upsampled code vectors; znorm picks max cosine."""
+  cfg = VQVAEConfig(vocab_size=16, z_channels=4, ch=32, ch_mult=(1, 1), num_res_blocks=1,
+                    v_patch_nums=(1, 2), quant_resi=0.0, using_znorm=True)
+  model = VQVAE(cfg)
+  p = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.zeros((1, 4, 4, 3)))['params']
+  p = meta.unbox(p)
+  f = jax.random.normal(jax.random.PRNGKey(3), (2, 2, 2, 4))
+  idx = _apply(model, 'f_to_idx_and_fhats')(p, f)[0]
+  e = np.asarray(p['quantize']['embedding']['embedding'])
+  z0 = np.asarray(f).mean((1, 2))
+  cos = (z0 / np.linalg.norm(z0, axis=-1, keepdims=True)) @ (e / np.linalg.norm(e, axis=-1, keepdims=True)).T
+  np.testing.assert_array_equal(np.asarray(idx[0])[:, 0], cos.argmax(-1))
+  want = e[np.asarray(idx[0])[:, 0]][:, None, None, :] + e[np.asarray(idx[1])].reshape(2, 2, 2, 4)
+  np.testing.assert_allclose(_apply(model, 'idx_to_fhat')(p, idx), want, atol=1e-6)
+
+
+# --- parity with the reference ------------------------------------------------------------
+def test_encode_f(fx):
+  assert run(fx.name)['f'].dtype == jnp.float32
+  assert maxerr(run(fx.name)['f'], fx.nhwc('enc_f')) < TOL
+
+
+def test_tokens_exact(fx):
+  r = run(fx.name)
+  for k in range(r['S']):
+    np.testing.assert_array_equal(np.asarray(r['idx'][k]), fx.io[f'idx_{k}'], err_msg=f'scale {k}')
+    np.testing.assert_array_equal(np.asarray(r['img_idx'][k]), fx.io[f'idx_{k}'])
+    assert r['idx'][k].dtype == jnp.int32
+
+
+def test_fhats(fx):
+  r = run(fx.name)
+  for k in range(r['S']):
+    assert maxerr(r['fhats'][k], fx.nhwc(f'fhat_{k}')) < TOL, k
+    assert maxerr(r['fhats_from_ref_f'][k], fx.nhwc(f'fhat_{k}')) < TOL, k
+  assert maxerr(r['idx_to_fhat'], fx.nhwc(f'fhat_{r["S"] - 1}')) < TOL
+
+
+def test_reconstruction(fx):
+  r = run(fx.name)
+  assert maxerr(r['recon'], fx.nhwc('recon')) < TOL
+  assert maxerr(r['fhat_to_img'], fx.nhwc('fhat_to_img')) < TOL
+  assert maxerr(r['idx_to_img'], fx.nhwc('recon')) < TOL
+  assert maxerr(r['idx_to_img'], r['recon']) < 1e-5
+  assert float(jnp.max(jnp.abs(r['recon']))) <= 1.0
+
+
+def test_var_input(fx):
+  r = run(fx.name)
+  assert r['var_input'].shape == fx.io['var_input'].shape
+  assert maxerr(r['var_input'], fx.io['var_input']) < TOL
+
+
+def test_autoregressive_steps_rebuild_fhats_and_var_input(fx):
+  """embed_tokens + next_ar_input, scale by scale (the sampler's loop), on the fixture tokens."""
+  r = run(fx.name)
+  model, p, S = r['model'], r['params'], r['S']
+
+  @jax.jit
+  def loop(p, idx_list):
+    f_hat, nexts, fhats = jnp.zeros(fx.nhwc('fhat_0').shape), [], []
+    for si in range(S):
+      h = model.apply({'params': p}, idx_list[si], method='embed_tokens')
+      f_hat, nxt = model.apply({'params': p}, si, f_hat, h, method='next_ar_input')
+      fhats.append(f_hat)
+      if si < S - 1:
+        nexts.append(nxt)
+      else:
+        assert nxt is None
+    return fhats, jnp.concatenate(nexts, axis=1)
+
+  fhats, var_input = loop(p, r['idx_ref'])
+  for k in range(S):
+    assert maxerr(fhats[k], fx.nhwc(f'fhat_{k}')) < TOL, k
+  assert maxerr(var_input, fx.io['var_input']) < TOL
+
+
+# --- training path -------------------------------------------------------------------------
+def test_quantize_train(fx):
+  r = run(fx.name)
+  model, p, S = r['model'], r['params'], r['S']
+  f = jnp.asarray(fx.nhwc('enc_f'))
+  w = jax.random.normal(jax.random.PRNGKey(0), f.shape)
+  f_hat_st, vq_loss, idx = jax.jit(
+      lambda p, f: model.apply({'params': p}, f, method='quantize_train'))(p, f)
+  assert maxerr(f_hat_st, fx.nhwc(f'fhat_{S - 1}')) < TOL
+  for k in range(S):
+    np.testing.assert_array_equal(np.asarray(idx[k]), fx.io[f'idx_{k}'])
+  # forward value: mean over scales of (1 + beta) * mse(f_hat_k, f)
+  want = np.mean([(1 + model.config.beta) * np.mean((fx.nhwc(f'fhat_{k}') - fx.nhwc('enc_f')) ** 2)
+                  for k in range(S)])
+  assert np.isfinite(float(vq_loss)) and abs(float(vq_loss) - want) < 1e-5 * max(1.0, want)
+
+  img = jnp.asarray(fx.nhwc('img'))[:1]   # one image keeps the encoder backward cheap
+  w = w[:1]
+
+  def loss(p):
+    f = model.apply({'params': p}, img, method='encode_f')
+    f_hat_st, vq, _ = model.apply({'params': p}, f, method='quantize_train')
+    return vq + jnp.mean(f_hat_st * w)
+
+  g = jax.jit(jax.grad(loss))(p)
+  nonzero = lambda t: float(jnp.max(jnp.abs(t))) > 0
+  assert nonzero(g['encoder']['conv_in']['kernel'])
+  assert nonzero(g['quant_conv']['kernel'])
+  assert nonzero(g['quantize']['embedding']['embedding'])
+  used = sorted(set(model.config.phi_index_per_scale))
+  for i in used:
+    assert nonzero(g['quantize']['quant_resi'][f'qresi_ls_{i}']['kernel']), i
+  # straight-through: f_hat_st passes the gradient to f unchanged
+  g_f = jax.jit(jax.grad(
+      lambda f: model.apply({'params': p}, f, method='quantize_train')[0].sum()))(f)
+  np.testing.assert_allclose(g_f, np.ones(f.shape), atol=1e-6)
+
+
+def test_forward_train_and_call():
+  r = run('tiny4')
+  model, p = r['model'], r['params']
+  fx = get_fixture('tiny4')
+  img = jnp.asarray(fx.nhwc('img'))
+  rec, vq, idx = jax.jit(lambda p, x: model.apply({'params': p}, x, method='forward_train'))(p, img)
+  assert rec.shape == img.shape and np.isfinite(float(vq))
+  assert maxerr(jnp.clip(rec, -1, 1), fx.nhwc('recon')) < TOL
+  assert maxerr(jax.jit(model.apply)({'params': p}, img), fx.nhwc('recon')) < TOL
+
+
+# --- bfloat16 -------------------------------------------------------------------------------
+def test_bf16_compute_keeps_quantizer_float32():
+  fx = get_fixture('tiny4')
+  p = run('tiny4')['params']
+  model = VQVAE(fx.config.vae, dtype=jnp.bfloat16)
+  S = len(fx.config.patch_nums)
+  # quantizer unaffected by the compute dtype: exact tokens, float32-accurate f_hat
+  idx, fhats = _apply(model, 'f_to_idx_and_fhats')(p, jnp.asarray(fx.nhwc('enc_f')))
+  for k in range(S):
+    np.testing.assert_array_equal(np.asarray(idx[k]), fx.io[f'idx_{k}'])
+    assert fhats[k].dtype == jnp.float32 and maxerr(fhats[k], fx.nhwc(f'fhat_{k}')) < TOL
+  var_input = _apply(model, 'idx_to_var_input')(p, run('tiny4')['idx_ref'])
+  assert var_input.dtype == jnp.float32 and maxerr(var_input, fx.io['var_input']) < TOL
+  # encoder / decoder in bfloat16: float32 outputs, close to the reference
+  f = _apply(model, 'encode_f')(p, jnp.asarray(fx.nhwc('img')))
+  rec = _apply(model, 'decode_fhat')(p, jnp.asarray(fx.nhwc(f'fhat_{S - 1}')))
+  assert f.dtype == rec.dtype == jnp.float32
+  assert 0 < maxerr(f, fx.nhwc('enc_f')) < 0.1
+  assert 0 < float(np.mean(np.abs(np.asarray(rec) - fx.nhwc('recon')))) < 0.03
+  hlo = jax.jit(lambda p, x: model.apply({'params': p}, x, method='decode_fhat')).lower(
+      p, jnp.zeros((1, 4, 4, 8))).as_text()
+  assert 'bf16' in hlo
+
+
+# --- errors ---------------------------------------------------------------------------------
+def test_wrong_image_size_raises():
+  r = run('tiny4')
+  with pytest.raises(ValueError, match=r'\(B, 64, 64, 3\)'):
+    r['model'].apply({'params': r['params']}, jnp.zeros((1, 32, 32, 3)), method='encode_f')
+  with pytest.raises(ValueError, match=r'\(B, 64, 64, 3\)'):
+    r['model'].apply({'params': r['params']}, jnp.zeros((1, 3, 64, 64)), method='img_to_idx')
+
+
+def test_wrong_token_maps_raise():
+  r = run('tiny4')
+  apply = functools.partial(r['model'].apply, {'params': r['params']})
+  with pytest.raises(ValueError, match='expected 4 token maps'):
+    apply(r['idx_ref'][:3], method='idx_to_img')
+  with pytest.raises(ValueError, match=r'token map 2 must have shape \(B, 9\)'):
+    apply(r['idx_ref'][:2] + [r['idx_ref'][3], r['idx_ref'][3]], method='idx_to_fhat')
+  with pytest.raises(ValueError, match=r'\(B, 4, 4, 8\)'):
+    apply(jnp.zeros((1, 8, 8, 8)), method='f_to_fhats')
