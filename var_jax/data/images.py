@@ -104,7 +104,7 @@ class SyntheticSource:
 
 
 def make_source(data_cfg, split: str = 'train', image_size: int | None = None):
-  """Source from a config section: kind in {'folder', 'tfds', 'synthetic'}."""
+  """Source from a config section: kind in {'folder', 'tfds', 'synthetic', 'digits'}."""
   kind = data_cfg.kind
   if kind == 'folder':
     return FolderSource(os.path.join(data_cfg.path, split))
@@ -116,7 +116,10 @@ def make_source(data_cfg, split: str = 'train', image_size: int | None = None):
     size = augment.mid_size(image_size or data_cfg.image_size, data_cfg.get('mid_reso', 1.125))
     n = data_cfg.synthetic_examples if split == 'train' else max(data_cfg.synthetic_examples // 4, 1)
     return SyntheticSource(n, data_cfg.num_classes, size, seed=0 if split == 'train' else 1)
-  raise ValueError(f"unknown data.kind {kind!r} (folder, tfds, synthetic)")
+  if kind == 'digits':   # scikit-learn's digits at 32x32 (var_jax.data.digits), offline
+    from var_jax.data.digits import DigitsSource
+    return DigitsSource('train' if split == 'train' else 'test')
+  raise ValueError(f"unknown data.kind {kind!r} (folder, tfds, synthetic, digits)")
 
 
 # --- index plumbing ---------------------------------------------------------------------
