@@ -21,6 +21,9 @@ def add_arguments(parser):
 
 
 def _run(args) -> int:
+  import os
+  if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:  # fail before the work
+    raise FileExistsError(f'{args.out} is not empty; choose a new directory or pass --force')
   from var_jax.pipeline import from_torch
   pipe = from_torch(args.vae, args.var, config=args.config)
   out = pipe.save(args.out, force=args.force)
