@@ -50,16 +50,15 @@ def state_shardings(init_params_fn: Callable, tx: optax.GradientTransformation, 
   return nn.meta.unbox(abstract), shardings
 
 
-def create_sharded_state(init_params_fn: Callable, tx: optax.GradientTransformation, mesh: Mesh,
-                         rules=parallel.LOGICAL_RULES, rng=None,
-                         transform_params: Callable | None = None) -> Tuple[TrainState, TrainState]:
-  """Initialises a TrainState directly into its shardings.
+def make_sharded_init(init_params_fn: Callable, tx: optax.GradientTransformation, mesh: Mesh,
+                      rules=parallel.LOGICAL_RULES,
+                      transform_params: Callable | None = None) -> Tuple[Callable, TrainState]:
+  """(jitted init(rng) -> TrainState born in its shardings, shardings); compile once, call often.
 
-  `transform_params(params, rng) -> params` (e.g. the reference's init_weights
-  multipliers) runs inside the same jit, before the optimizer state is built.
+  `transform_params(params, rng) -> params` (e.g. extra init multipliers) runs inside
+  the same jit, before the optimizer state is built.
   """
-  rng = jax.random.PRNGKey(0) if rng is None else rng
-  abstract, shardings = state_shardings(init_params_fn, tx, mesh, rules, rng)
+  _, shardings = state_shardings(init_params_fn, tx, mesh, rules)
 
   def init(r):
     params_rng, state_rng = jax.random.split(r)
@@ -69,9 +68,20 @@ def create_sharded_state(init_params_fn: Callable, tx: optax.GradientTransformat
     return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
                       rng=state_rng, skipped=jnp.zeros([], jnp.int32))
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state = jax.jit(init, out_shardings=shardings)(rng)
-  return state, shardings
+  jitted = jax.jit(init, out_shardings=shardings)
+
+  def call(rng):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted(rng)
+  return call, shardings
+
+
+def create_sharded_state(init_params_fn: Callable, tx: optax.GradientTransformation, mesh: Mesh,
+                         rules=parallel.LOGICAL_RULES, rng=None,
+                         transform_params: Callable | None = None) -> Tuple[TrainState, TrainState]:
+  """Initialises a TrainState directly into its shardings (see make_sharded_init)."""
+  init, shardings = make_sharded_init(init_params_fn, tx, mesh, rules, transform_params)
+  return init(jax.random.PRNGKey(0) if rng is None else rng), shardings
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

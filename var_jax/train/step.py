@@ -110,7 +110,7 @@ def make_train_step(var_model, vae_model, tx: optax.GradientTransformation, *,
           body, zeros, (jnp.arange(grad_accum), split(images), split(labels)))
       grads, stats = jax.tree_util.tree_map(lambda x: x / grad_accum, (grads, stats))
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(stats['loss']) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)

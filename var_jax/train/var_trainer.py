@@ -42,10 +42,7 @@ def load_vqvae(vae_cfg_section) -> tuple:
                      share_quant_resi=c.share_quant_resi, v_patch_nums=tuple(c.patch_nums))
   path = c.checkpoint
   if not path:
-    from var_jax.tokenizer.vqvae import VQVAE
-    size = want.image_size
-    params = VQVAE(want).init(jax.random.PRNGKey(1234), jnp.zeros((1, size, size, 3)))['params']
-    return want, nn.meta.unbox(params)
+    return want, random_vqvae_params(want)
   import var_jax
   if os.path.isdir(path):
     pipe = var_jax.load(path)
@@ -59,16 +56,41 @@ def load_vqvae(vae_cfg_section) -> tuple:
   return got, pipe.vae_params
 
 
+def random_vqvae_params(cfg: VQVAEConfig, seed: int = 1234):
+  """A random tokenizer without compiling its forward (eval_shape + numpy): conv/dense
+  kernels ~ N(0, 1/fan_in), norms 1, biases 0, codebook ~ N(0, 1). Deterministic in seed."""
+  from flax import traverse_util
+  from var_jax.tokenizer.vqvae import VQVAE
+  size = cfg.image_size
+  shapes = nn.meta.unbox(jax.eval_shape(
+      VQVAE(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))['params'])
+  rng = np.random.default_rng(seed)
+  out = {}
+  for path, a in sorted(traverse_util.flatten_dict(shapes, sep='/').items()):
+    leaf = path.rsplit('/', 1)[-1]
+    if leaf == 'kernel':
+      fan_in = int(np.prod(a.shape[:-1]))
+      v = rng.standard_normal(a.shape) / np.sqrt(fan_in)
+    elif leaf == 'scale':
+      v = np.ones(a.shape)
+    elif leaf == 'embedding':
+      v = rng.standard_normal(a.shape)
+    else:
+      v = np.zeros(a.shape)
+    out[path] = jnp.asarray(v, a.dtype)
+  return traverse_util.unflatten_dict(out, sep='/')
+
+
 class VARTrainer:
   """Builds everything from a config; `train()` runs (and resumes) the loop."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, devices=None):
     from var_jax.models.var import VAR
     from var_jax.tokenizer.vqvae import VQVAE
     self.cfg, self.workdir = config, os.path.abspath(workdir)
     os.makedirs(self.workdir, exist_ok=True)
     c = config
-    self.mesh = parallel.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    self.mesh = parallel.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
     self.rules = tuple((k, tuple(v) if isinstance(v, list) else v)
                        for k, v in c.logical_axis_rules) or parallel.LOGICAL_RULES
 
@@ -112,6 +134,7 @@ class VARTrainer:
     abstract_boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     self.tx = optim.make_optimizer(abstract_boxed, self.optim_spec, self.total_steps)
     self._init_fn = init_fn
+    self._init_jit = None
     self.abstract_state, self.state_shardings = state_lib.state_shardings(
         init_fn, self.tx, self.mesh, self.rules)
     self.num_params = state_lib.count_params(self.abstract_state.params)
@@ -137,9 +160,9 @@ class VARTrainer:
 
   # --- pieces ----------------------------------------------------------------------
   def init_state(self):
-    rng = jax.random.PRNGKey(self.cfg.seed)
-    state, _ = state_lib.create_sharded_state(self._init_fn, self.tx, self.mesh, self.rules, rng)
-    return state
+    if self._init_jit is None:
+      self._init_jit, _ = state_lib.make_sharded_init(self._init_fn, self.tx, self.mesh, self.rules)
+    return self._init_jit(jax.random.PRNGKey(self.cfg.seed))
 
   def make_train_iter(self):
     d = self.cfg.data
@@ -202,10 +225,14 @@ class VARTrainer:
     return {k: float(v) / n for k, v in total.items() if np.ndim(v) == 0}
 
   # --- the loop -----------------------------------------------------------------------
-  def train(self, stop_after: Optional[int] = None) -> Dict[str, Any]:
+  def train(self, stop_after: Optional[int] = None, workdir: Optional[str] = None) -> Dict[str, Any]:
     """Runs to total_steps (or `stop_after` optimizer steps in total), resuming from the
-    latest complete checkpoint. Returns a summary dict (last metrics, step, status)."""
+    latest complete checkpoint. Returns a summary dict (last metrics, step, status).
+    `workdir` replaces the constructor's (reuses the compiled steps for another run)."""
     c, run = self.cfg, self.cfg.run
+    if workdir is not None:
+      self.workdir = os.path.abspath(workdir)
+      os.makedirs(self.workdir, exist_ok=True)
     writer = metrics_lib.Writer(self.workdir)
     mngr = checkpointing.CheckpointManager(os.path.join(self.workdir, 'checkpoints'), keep=run.keep,
                                            save_every=run.save_every, async_save=run.async_checkpoint)
@@ -231,6 +258,7 @@ class VARTrainer:
         f'{self.steps_per_epoch} steps/epoch, steps {start} -> {end} of {self.total_steps}, '
         f'peak lr {self.optim_spec.peak_lr:.3g}, {jax.process_count()} process(es)')
 
+    self._stop_requested = False
     old_handler = self._install_sigterm()
     acc = metrics_lib.MeanAccumulator()
     pending = None                  # (step, device metrics) not yet checked on the host
@@ -298,7 +326,7 @@ class VARTrainer:
       if pending is not None:
         check(pending)
         pending = None
-      if status == 'preempted':
+      if status == 'preempted' and mngr.latest_step() != step:
         mngr.save(step, state, data_state=it.get_state(), meta={'step': step}, force=True)
         metrics_lib.print0(f'[train] stop requested: saved step {step}, exiting')
       mngr.wait()
