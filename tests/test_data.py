@@ -1,0 +1,104 @@
+"""Input pipeline tests: image folders (with a corrupt file), TFDS mock data, augmentation."""
+import numpy as np
+import pytest
+from PIL import Image
+
+import grain
+from var_jax.data import augment, images
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+  """root/train/<class>/*.png: 3 classes x 4 images of varied sizes, plus one corrupt file."""
+  root = tmp_path_factory.mktemp('imgs')
+  rng = np.random.default_rng(0)
+  for c, name in enumerate(['cat', 'dog', 'eel']):
+    d = root / 'train' / name
+    d.mkdir(parents=True)
+    for i in range(4):
+      h, w = 20 + 3 * i, 28 - 2 * i
+      arr = (rng.uniform(0, 255, (h, w, 3)) * 0 + 60 * c + 10 * i).astype(np.uint8)
+      Image.fromarray(arr).save(d / f'{i}.png')
+  (root / 'train' / 'dog' / 'broken.png').write_bytes(b'\x89PNG not really an image')
+  (root / 'train' / 'eel' / 'notes.txt').write_text('ignored: not an image extension')
+  return root
+
+
+def test_folder_source_labels(folder):
+  src = images.FolderSource(str(folder / 'train'))
+  assert src.classes == ['cat', 'dog', 'eel'] and len(src) == 13
+  assert [r[1] for r in src.items].count(1) == 5
+  with pytest.raises(ValueError, match='not found'):
+    images.FolderSource(str(folder / 'nope'))
+
+
+def test_corrupt_image_is_skipped_and_counted(folder):
+  src = images.FolderSource(str(folder / 'train'))
+  it = images.make_pipeline(src, global_batch_size=4, image_size=16, train=True, seed=0, num_threads=2)
+  batches = [next(it) for _ in range(6)]   # 24 good images = exactly 2 epochs of 13 files
+  for b in batches:
+    assert b['image'].shape == (4, 16, 16, 3) and b['image'].dtype == np.float32
+    assert -1 <= b['image'].min() and b['image'].max() <= 1
+  assert it.num_skipped == 2   # the corrupt file, once per epoch seen
+  # eval: corrupt image masked (not dropped), last batch padded, every real image once
+  ev = list(images.make_pipeline(src, global_batch_size=4, image_size=16, train=False, num_threads=2))
+  assert len(ev) == 4 and sum(int(b['mask'].sum()) for b in ev) == 12
+  labels = np.concatenate([b['label'][b['mask'] == 1] for b in ev])
+  assert sorted(labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_order_is_seeded_and_state_resumes(folder):
+  src = images.FolderSource(str(folder / 'train'))
+  mk = lambda seed: images.make_pipeline(src, global_batch_size=4, image_size=16, train=True,
+                                         seed=seed, hflip=True, num_threads=2)
+  a, b, c = mk(0), mk(0), mk(1)
+  xa = [next(a)['image'] for _ in range(3)]
+  assert all(np.array_equal(x, next(b)['image']) for x in xa)
+  assert not all(np.array_equal(x, next(c)['image']) for x in xa)
+  state = a.get_state()
+  want = [next(a)['image'] for _ in range(3)]
+  fresh = mk(0)
+  fresh.set_state(state)
+  assert all(np.array_equal(w, next(fresh)['image']) for w in want)
+
+
+def test_per_process_slices_tile_the_global_batch():
+  src = images.SyntheticSource(40, 5, 18)
+  whole = images.make_pipeline(src, global_batch_size=8, image_size=16, train=True, seed=3, num_threads=1)
+  parts = [images.make_pipeline(src, global_batch_size=8, image_size=16, train=True, seed=3, num_threads=1,
+                                shard=grain.sharding.ShardOptions(i, 2)) for i in range(2)]
+  for _ in range(6):   # crosses an epoch boundary
+    w = next(whole)
+    p = [next(x) for x in parts]
+    assert np.array_equal(w['image'], np.concatenate([q['image'] for q in p]))
+    assert np.array_equal(w['label'], np.concatenate([q['label'] for q in p]))
+
+
+def test_tfds_mock_data():
+  tfds = pytest.importorskip('tensorflow_datasets')
+  import ml_collections
+  cfg = ml_collections.ConfigDict(dict(kind='tfds', tfds_name='mnist', path='', train_split='train',
+                                       eval_split='test', image_key='image', label_key='label'))
+  with tfds.testing.mock_data(num_examples=12):
+    src = images.make_source(cfg, 'train')
+    assert len(src) == 12 and src.num_classes == 10
+    it = images.make_pipeline(src, global_batch_size=4, image_size=16, train=True, seed=0, num_threads=1)
+    b = next(it)
+    assert b['image'].shape == (4, 16, 16, 3) and b['label'].dtype == np.int32   # grey -> RGB
+    ev = list(images.make_pipeline(images.make_source(cfg, 'eval'), global_batch_size=4,
+                                   image_size=16, train=False, num_threads=1))
+    assert sum(int(x['mask'].sum()) for x in ev) == 12
+
+
+def test_augment_matches_torchvision_semantics():
+  img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+  r = augment.resize_shorter(img, 18)
+  assert r.size == (27, 18)              # int(18 * 60 / 40)
+  ref = np.asarray(img.resize((27, 18), Image.LANCZOS))
+  out = augment.augment(img, 16, train=False, mid_reso=1.125)   # round(1.125*16)=18
+  assert np.array_equal(out, ref[1:17, 6:22])   # centre crop: top round(2/2)=1, left round(11/2)=6 (banker's)
+  x = augment.to_pm1(np.array([0, 255, 128], np.uint8))
+  assert x.dtype == np.float32 and x[0] == -1 and x[1] == 1
+  rng = np.random.default_rng(1)
+  crop = augment.augment(img, 16, train=True, rng=rng)
+  assert crop.shape == (16, 16, 3)
