@@ -105,7 +105,7 @@ def _models(config: ModelConfig, dtype):
 
 
 def _sample_program(config: ModelConfig, top_k: int, use_top_p: bool, more_smooth: bool, dtype,
-                    mesh: Optional[Mesh], return_logits: bool,
+                    mesh: Optional[Mesh], return_logits: bool, decode: bool,
                     vae_params, var_params, labels_B, cfg, top_p, key):
   var, vae = _models(config, dtype)
   vcfg = config.var
@@ -145,8 +145,11 @@ def _sample_program(config: ModelConfig, top_k: int, use_top_p: bool, more_smoot
     if nxt_BlCv is not None:
       x_BlC = var.apply(pv, si + 1, nxt_BlCv, method=VAR.next_token_map)
       x_2BlC = _constrain(jnp.repeat(x_BlC, 2, axis=0), mesh)
-  img = vae.apply(qv, f_hat, method=VQVAE.decode_fhat)
-  images = _constrain((img + 1) * 0.5, mesh)
+  if decode:
+    img = vae.apply(qv, f_hat, method=VQVAE.decode_fhat)
+    images = _constrain((img + 1) * 0.5, mesh)
+  else:
+    images = f_hat
   return (images, tokens, logs) if return_logits else (images, tokens)
 
 
@@ -164,14 +167,16 @@ def param_shardings(config: ModelConfig, mesh: Mesh, dtype=jnp.float32):
 @functools.lru_cache(maxsize=32)
 def make_sample_fn(config: ModelConfig, *, top_k: int, use_top_p: bool, more_smooth: bool = False,
                    dtype: Any = jnp.float32, mesh: Optional[Mesh] = None,
-                   return_logits: bool = False):
+                   return_logits: bool = False, decode: bool = True):
   """The jitted program f(vae_params, var_params, labels_B, cfg, top_p, key).
 
   Cached per static options; jax caches the compiled executable per shapes.
-  Use `.lower(...).compile()` on it to time compilation.
+  Use `.lower(...).compile()` on it to time compilation. decode=False returns
+  the final f_hat (B, h, w, Cvae) in place of the images (the VQVAE decoder is
+  skipped; benchmarks time the two parts apart this way).
   """
   fn = functools.partial(_sample_program, config, int(top_k), bool(use_top_p), bool(more_smooth),
-                         jnp.dtype(dtype), mesh, bool(return_logits))
+                         jnp.dtype(dtype), mesh, bool(return_logits), bool(decode))
   if mesh is None:
     return jax.jit(fn)
   vae_sh, var_sh = param_shardings(config, mesh, dtype)
