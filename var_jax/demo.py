@@ -1,0 +1,127 @@
+"""The embedded default: a digits VAR that samples every class offline in seconds.
+
+    import var_jax.demo
+    out = var_jax.demo.run('demo_out')        # writes grid.png and samples.npz
+    pipe = var_jax.demo.load()                # the Pipeline behind it (var_jax.load)
+
+The checkpoint in var_jax/assets/digits is a native var-jax checkpoint (tokenizer
+and transformer) trained by this package's own trainers on scikit-learn's digits
+(configs/digits_vqvae.py, configs/digits_var.py, scripts/train_digits.sh). Its
+sampling defaults (guidance, top-k, top-p) and the figures measured with them are in
+assets/digits/demo.json; docs/DIGITS.md explains them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+ASSET_DIR = pathlib.Path(__file__).resolve().parent / 'assets' / 'digits'
+DEMO_JSON = 'demo.json'
+FALLBACK = {'cfg': 2.0, 'top_k': 0, 'top_p': 0.0, 'per_class': 10, 'seed': 0}
+
+
+def asset_dir() -> pathlib.Path:
+  if not (ASSET_DIR / 'config.json').is_file():
+    raise FileNotFoundError(f'the embedded digits checkpoint is missing from {ASSET_DIR} '
+                            '(reinstall var-jax, or rebuild it with scripts/train_digits.sh)')
+  return ASSET_DIR
+
+
+def defaults() -> Dict[str, Any]:
+  """Sampling defaults shipped with the checkpoint (cfg, top_k, top_p, per_class, seed)."""
+  path = ASSET_DIR / DEMO_JSON
+  out = dict(FALLBACK)
+  if path.is_file():
+    out.update(json.loads(path.read_text()).get('sampling', {}))
+  return out
+
+
+def load():
+  """The embedded digits Pipeline (32x32 RGB, 10 classes)."""
+  import var_jax
+  return var_jax.load(asset_dir())
+
+
+def sample_digits(pipe=None, *, per_class: Optional[int] = None, labels=None,
+                  cfg: Optional[float] = None, top_k: Optional[int] = None,
+                  top_p: Optional[float] = None, seed: Optional[int] = None):
+  """(uint8 images (B, 32, 32, 3), int32 labels (B,)): `per_class` samples of every digit,
+  class by class (or the given labels), with the shipped defaults unless overridden."""
+  d = defaults()
+  pipe = pipe if pipe is not None else load()
+  if labels is None:
+    n = d['per_class'] if per_class is None else int(per_class)
+    if n < 1:
+      raise ValueError(f'per_class must be >= 1, got {n}')
+    labels = np.repeat(np.arange(pipe.config.var.num_classes), n)
+  labels = np.asarray(labels, np.int32)
+  images, _ = pipe.sample(labels, cfg=d['cfg'] if cfg is None else cfg,
+                          top_k=d['top_k'] if top_k is None else top_k,
+                          top_p=d['top_p'] if top_p is None else top_p,
+                          seed=d['seed'] if seed is None else seed)
+  from var_jax.io_utils import to_uint8
+  return to_uint8(np.asarray(images)), labels
+
+
+def run(out_dir: str | os.PathLike = 'var_jax_demo', *, per_class: Optional[int] = None,
+        cfg: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
+        seed: Optional[int] = None, scale: int = 2) -> Dict[str, pathlib.Path]:
+  """Samples every class and writes out_dir/grid.png (one row per class, upscaled `scale`x)
+  and out_dir/samples.npz (images: uint8 NHWC, labels: int32). Returns both paths."""
+  from var_jax.io_utils import make_grid, save_npz, save_png
+  images, labels = sample_digits(per_class=per_class, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed)
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  n_cls = int(labels.max()) + 1
+  big = np.repeat(np.repeat(images, scale, axis=1), scale, axis=2) if scale > 1 else images
+  grid_path, npz_path = out / 'grid.png', out / 'samples.npz'
+  save_png(grid_path, make_grid(big, nrow=len(labels) // n_cls, padding=2))
+  save_npz(npz_path, {'images': images, 'labels': labels})
+  return {'grid': grid_path, 'samples': npz_path}
+
+
+def measure(pipe=None, *, per_class: int = 50, cfg: Optional[float] = None,
+            top_k: Optional[int] = None, top_p: Optional[float] = None,
+            seed: Optional[int] = None, batch: int = 100) -> Dict[str, Any]:
+  """The figures of docs/DIGITS.md for a digits Pipeline:
+
+  accuracy     share of class-conditional samples that a logistic regression trained on
+               the real 8x8 train digits labels as the requested class (samples resized
+               back to 8x8); also per class, and the classifier's own accuracy on the
+               real held-out digits for comparison;
+  diversity    mean pairwise distance (8x8 features in [0, 1]) of the samples of each
+               class vs. the real held-out digits of that class, averaged over classes;
+  recon_psnr   the tokenizer's reconstruction PSNR / SSIM on the 297 held-out digits.
+  """
+  from var_jax.data import digits
+  from var_jax.eval import metrics
+  pipe = pipe if pipe is not None else load()
+  d = defaults()
+  kw = dict(cfg=d['cfg'] if cfg is None else cfg, top_k=d['top_k'] if top_k is None else top_k,
+            top_p=d['top_p'] if top_p is None else top_p)
+  seed = d['seed'] if seed is None else seed
+  labels = np.repeat(np.arange(digits.NUM_CLASSES), per_class).astype(np.int32)
+  images = []
+  for i in range(0, len(labels), batch):
+    imgs, _ = sample_digits(pipe, labels=labels[i:i + batch], seed=seed + i // batch, **kw)
+    images.append(imgs)
+  images = np.concatenate(images)
+  pred = digits.fit_classifier().predict(digits.to_8x8_features(images))
+  real, real_y = digits.raw_8x8('test')
+  test_imgs, _ = digits.digits_arrays('test')
+  x = test_imgs.astype(np.float32) / 127.5 - 1
+  rec = np.asarray(pipe.reconstruct(x))
+  return {
+      'sampling': dict(kw, seed=seed, per_class=per_class),
+      'accuracy': float(np.mean(pred == labels)),
+      'accuracy_per_class': [float(np.mean(pred[labels == c] == c)) for c in range(digits.NUM_CLASSES)],
+      'classifier_accuracy_on_real_test': float(
+          digits.fit_classifier().score(real.reshape(len(real), 64) / 16.0, real_y)),
+      'diversity': digits.diversity_report(images, labels),
+      'recon_psnr': float(np.mean(np.asarray(metrics.psnr(rec, x)))),
+      'recon_ssim': float(np.mean(np.asarray(metrics.ssim(rec, x)))),
+  }
