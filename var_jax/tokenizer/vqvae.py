@@ -28,20 +28,28 @@ class VQVAE(nn.Module):
   config: VQVAEConfig = VQVAEConfig()
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  precision: Any = None   # of the encoder/decoder convs; the quantizer always uses HIGHEST
+  # Of the encoder/decoder convs; None: HIGHEST for float32 compute (no TF32 on GPUs, for
+  # parity), the backend default otherwise. The quantizer always uses HIGHEST.
+  precision: Any = None
+
+  @property
+  def _precision(self):
+    if self.precision is not None:
+      return self.precision
+    return jax.lax.Precision.HIGHEST if jnp.dtype(self.dtype) == jnp.float32 else None
 
   def setup(self):
     cfg = self.config
     common = dict(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks,
                   using_sa=cfg.using_sa, using_mid_sa=cfg.using_mid_sa, dropout=cfg.dropout,
-                  dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
+                  dtype=self.dtype, param_dtype=self.param_dtype, precision=self._precision)
     self.encoder = Encoder(z_channels=cfg.Cvae, **common)
     self.decoder = Decoder(out_channels=cfg.in_channels, **common)
     ks = cfg.quant_conv_ks
     self.quant_conv = conv(cfg.Cvae, ks, None, dtype=_F32, param_dtype=self.param_dtype,
                            precision=jax.lax.Precision.HIGHEST)
     self.post_quant_conv = conv(cfg.Cvae, ks, None, dtype=self.dtype,
-                                param_dtype=self.param_dtype, precision=self.precision)
+                                param_dtype=self.param_dtype, precision=self._precision)
     self.quantize = MultiScaleQuantizer(cfg, self.param_dtype)
 
   # --- checks ----------------------------------------------------------------
