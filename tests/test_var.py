@@ -62,8 +62,10 @@ def ce_loss(model, params, labels, x, tgt):
   return -jnp.take_along_axis(logp, tgt[..., None], -1).mean(), logits
 
 
-def test_logits_loss_and_grads(fx):
+@pytest.mark.parametrize('scan', [True, False], ids=['scan', 'unrolled'])
+def test_logits_loss_and_grads(fx, scan):
   fx, model, params = loaded(fx.name)
+  model = model.clone(scan_blocks=scan)
   tgt = jnp.asarray(targets(fx))
   fn = jax.jit(jax.value_and_grad(lambda p: ce_loss(model, p, fx.io['label'], fx.io['var_input'], tgt),
                                   has_aux=True))
@@ -90,9 +92,11 @@ def test_logits_with_bf16_compute_are_close(fx):
   assert err < 0.1, err
 
 
-def test_kv_cached_decoding_matches_teacher_forcing():
+@pytest.mark.parametrize('scan', [True, False], ids=['scan', 'unrolled'])
+def test_kv_cached_decoding_matches_teacher_forcing(scan):
   """decode_scale, scale after scale, gives the teacher-forced logits (tiny4)."""
   fx, model, params = loaded('tiny4')
+  model = model.clone(scan_blocks=scan)
   cfg = fx.config.var
   labels, x = fx.io['label'], fx.io['var_input']
 
@@ -185,3 +189,90 @@ def test_reference_init_statistics():
   boxed = jax.eval_shape(lambda: init_params(jax.random.key(0), cfg, 256, 8, boxed=True))
   specs = nn.get_partition_spec(boxed)
   assert specs['blocks_0']['ffn']['fc1']['kernel'] == jax.sharding.PartitionSpec('embed', 'mlp')
+
+
+def test_scan_and_unrolled_blocks_agree():
+  """lax.scan over stacked blocks == unrolled blocks: logits, gradients (also with
+  remat) and the KV cache of a decoded scale (tiny10, depth 2)."""
+  fx, model, params = loaded('tiny10')
+  tgt = jnp.asarray(targets(fx))
+  labels, x = fx.io['label'], fx.io['var_input']
+
+  def run(m):
+    def f(p):
+      return ce_loss(m, p, labels, x, tgt)
+    (loss, logits), grads = jax.value_and_grad(f, has_aux=True)(params)
+    cond, ada = m.apply({'params': params}, labels, method=VAR.condition)
+    tok = m.apply({'params': params}, cond, method=VAR.first_token_map)
+    _, cache = m.apply({'params': params}, 0, tok, cond, ada, KVCache.zeros(m.config, labels.shape[0]),
+                       method=VAR.decode_scale)
+    return logits, grads, cache
+
+  outs = jax.jit(lambda: [run(model.clone(scan_blocks=s, remat=r))
+                          for s, r in ((False, False), (True, False), (True, True))])()
+  base = outs[0]
+  for other in outs[1:]:
+    chex.assert_trees_all_close(other, base, atol=1e-5, rtol=1e-5)
+  assert np.abs(np.asarray(base[2].k[:, :, :1])).max() > 0     # scale 0 written ...
+  assert not np.any(np.asarray(base[2].k[:, :, 1:]))           # ... and nothing else
+
+
+def test_scanned_drop_path_uses_per_block_rate():
+  """depth 2, drop_path_rate 1: rates (0, 1), so in training block 0 is always kept
+  and block 1 always dropped; the train output then equals the eval output with
+  block 1's residual gammas set to 0 (both block loops)."""
+  cfg = VARConfig(num_classes=5, depth=2, embed_dim=32, num_heads=4, patch_nums=(1, 2, 3),
+                  drop_path_rate=1.0, cond_drop_rate=0.0)
+  params = jax.jit(lambda k: init_params(k, cfg, vocab_size=16, Cvae=4, init_adaln_gamma=0.5,
+                                         init_head=1.0))(jax.random.key(3))
+  ada = params['blocks_1']['ada_lin_1']
+  C = cfg.embed_dim
+  no_block1 = dict(params, blocks_1=dict(params['blocks_1'], ada_lin_1=dict(
+      kernel=ada['kernel'].at[:, :2 * C].set(0), bias=ada['bias'].at[:2 * C].set(0))))
+  labels = jnp.array([0, 3, 4])
+  x = jax.random.normal(jax.random.key(2), (3, cfg.L - 1, 4))
+
+  @jax.jit
+  def outs(key):
+    res = []
+    for scan in (True, False):
+      m = VAR(cfg, 16, 4, scan_blocks=scan)
+      res.append(m.apply({'params': params}, labels, x, train=True, rngs={'dropout': key}))
+      res.append(m.apply({'params': no_block1}, labels, x))
+    full = VAR(cfg, 16, 4).apply({'params': params}, labels, x)
+    return res, full
+
+  (tr_scan, ref_scan, tr_unr, ref_unr), full = outs(jax.random.key(0))
+  np.testing.assert_allclose(tr_scan, ref_scan, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(tr_unr, ref_unr, atol=1e-5, rtol=0)
+  assert not np.allclose(ref_scan, full, atol=1e-3)       # block 1 does matter in eval
+
+
+def test_scanned_dropout_differs_per_block():
+  """Each scanned block gets its own dropout key: the FFN dropout masks of two
+  blocks (recorded at run time through a method interceptor) differ, and a
+  different seed gives different masks."""
+  cfg = VARConfig(num_classes=5, depth=2, embed_dim=32, num_heads=4, patch_nums=(1, 2, 3),
+                  drop_rate=0.5, cond_drop_rate=0.0)
+  params = jax.jit(lambda k: init_params(k, cfg, vocab_size=16, Cvae=4))(jax.random.key(4))
+  labels = jnp.array([1, 2])
+  x = jax.random.normal(jax.random.key(2), (2, cfg.L - 1, 4))
+  masks = []
+
+  def spy(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, nn.Dropout) and context.module.path[-2:] == ('ffn', 'Dropout_0'):
+      jax.debug.callback(lambda m: masks.append(np.asarray(m)), out != 0, ordered=True)
+    return out
+
+  model = VAR(cfg, 16, 4)
+  for seed in (0, 1):
+    with nn.intercept_methods(spy):
+      out = jax.jit(lambda k: model.apply({'params': params}, labels, x, train=True,
+                                          rngs={'dropout': k}))(jax.random.key(seed))
+    jax.block_until_ready(out)
+  assert len(masks) == 4                    # 2 seeds x 2 blocks
+  for m in masks:
+    assert 0.3 < m.mean() < 0.7             # really dropping about half
+  assert not np.array_equal(masks[0], masks[1])     # block 0 vs block 1
+  assert not np.array_equal(masks[0], masks[2])     # seed 0 vs seed 1

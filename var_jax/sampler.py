@@ -3,7 +3,8 @@
 
     images, tokens = sample(config, vae_params, var_params, labels, *, cfg=1.5,
                             top_k=900, top_p=0.96, seed=0, more_smooth=False,
-                            dtype=jnp.float32, mesh=None, return_logits=False)
+                            dtype=jnp.float32, mesh=None, return_logits=False,
+                            scan_blocks=True)
 
   config        ModelConfig (its .var must be set)
   vae_params    VQVAE params (unboxed); var_params: VAR params (unboxed)
@@ -25,10 +26,12 @@
                 scale (B, pn_k^2, V) float32 logits (for tests/inspection).
 
 Design: the loop over the K scales is unrolled at trace time (each scale has its
-own static shape); the KV cache (`models.var.KVCache`, one (2B, L, H, c) buffer
-per block and k/v) is allocated inside the program and written in place with
-dynamic_update_slice, so nothing is reallocated or sent to the host between
-scales. cfg and top_p are traced scalars (changing them does not recompile);
+own static shape); within a scale the blocks run as one lax.scan over the block
+parameters, stacked once per program (`VAR.scan_blocks`; scan_blocks=False
+unrolls them, same numbers, much slower to compile). The KV cache
+(`models.var.KVCache`, one (depth, 2B, L, H, c) buffer for k and one for v) is
+allocated inside the program and written in place with dynamic_update_slice,
+so nothing is reallocated or sent to the host between scales. cfg and top_p are traced scalars (changing them does not recompile);
 top_k, whether top_p is used, more_smooth, dtype and the mesh are static. The
 compiled program is cached per (config, static options, shapes).
 
@@ -50,7 +53,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from var_jax import parallel
 from var_jax.config import ModelConfig
-from var_jax.models.var import VAR, KVCache, dummy_inputs
+from var_jax.models.var import VAR, KVCache, dummy_inputs, stack_blocks
 from var_jax.tokenizer.vqvae import VQVAE
 
 BATCH_AXES = ('data', 'fsdp')
@@ -97,17 +100,25 @@ def _constrain(x, mesh):
   return x if mesh is None else jax.lax.with_sharding_constraint(x, _batch_spec(mesh, x.ndim))
 
 
-def _models(config: ModelConfig, dtype):
+def _constrain_cache(cache: KVCache, mesh):
+  """(depth, 2B, L, H, c) buffers: split over the batch (axis 1)."""
+  if mesh is None:
+    return cache
+  spec = NamedSharding(mesh, P(None, BATCH_AXES, None, None, None))
+  return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, spec), cache)
+
+
+def _models(config: ModelConfig, dtype, scan_blocks: bool = True):
   hi = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-  var = VAR(config.var, config.vae.vocab_size, config.vae.Cvae, dtype=dtype)
+  var = VAR(config.var, config.vae.vocab_size, config.vae.Cvae, dtype=dtype, scan_blocks=scan_blocks)
   vae = VQVAE(config.vae, dtype=dtype, precision=hi)
   return var, vae
 
 
 def _sample_program(config: ModelConfig, top_k: int, use_top_p: bool, more_smooth: bool, dtype,
-                    mesh: Optional[Mesh], return_logits: bool, decode: bool,
+                    mesh: Optional[Mesh], return_logits: bool, decode: bool, scan_blocks: bool,
                     vae_params, var_params, labels_B, cfg, top_p, key):
-  var, vae = _models(config, dtype)
+  var, vae = _models(config, dtype, scan_blocks)
   vcfg = config.var
   K, V, N = len(vcfg.patch_nums), config.vae.vocab_size, vcfg.num_classes
   B = labels_B.shape[0]
@@ -117,15 +128,18 @@ def _sample_program(config: ModelConfig, top_k: int, use_top_p: bool, more_smoot
 
   labels_2B = jnp.stack([labels_B, jnp.full_like(labels_B, N)], axis=1).reshape(2 * B)
   cond_2BD, ada = var.apply(pv, labels_2B, method=VAR.condition)
-  cache = KVCache.zeros(vcfg, 2 * B, dtype)
-  cache = jax.tree.map(lambda a: _constrain(a, mesh), cache)
+  stacked = None
+  if scan_blocks:   # once for all scales (not per decode_scale call)
+    stacked, ada = stack_blocks(var_params, vcfg.depth), jnp.stack(ada)
+  cache = _constrain_cache(KVCache.zeros(vcfg, 2 * B, dtype), mesh)
   x_2BlC = var.apply(pv, cond_2BD, method=VAR.first_token_map)
   hw = vcfg.patch_nums[-1]
   f_hat = _constrain(jnp.zeros((B, hw, hw, config.vae.Cvae), jnp.float32), mesh)
   tokens, logs = [], {'guided': [], 'cond': [], 'uncond': []}
   for si, pn in enumerate(vcfg.patch_nums):
     ratio = si / (K - 1) if K > 1 else 0.0
-    logits_2BlV, cache = var.apply(pv, si, x_2BlC, cond_2BD, ada, cache, method=VAR.decode_scale)
+    logits_2BlV, cache = var.apply(pv, si, x_2BlC, cond_2BD, ada, cache, stacked,
+                                   method=VAR.decode_scale)
     pair = logits_2BlV.reshape(B, 2, pn * pn, V)
     t = cfg * ratio
     logits_BlV = (1 + t) * pair[:, 0] - t * pair[:, 1]
@@ -167,16 +181,18 @@ def param_shardings(config: ModelConfig, mesh: Mesh, dtype=jnp.float32):
 @functools.lru_cache(maxsize=32)
 def make_sample_fn(config: ModelConfig, *, top_k: int, use_top_p: bool, more_smooth: bool = False,
                    dtype: Any = jnp.float32, mesh: Optional[Mesh] = None,
-                   return_logits: bool = False, decode: bool = True):
+                   return_logits: bool = False, decode: bool = True, scan_blocks: bool = True):
   """The jitted program f(vae_params, var_params, labels_B, cfg, top_p, key).
 
   Cached per static options; jax caches the compiled executable per shapes.
   Use `.lower(...).compile()` on it to time compilation. decode=False returns
   the final f_hat (B, h, w, Cvae) in place of the images (the VQVAE decoder is
-  skipped; benchmarks time the two parts apart this way).
+  skipped; benchmarks time the two parts apart this way). scan_blocks=False
+  unrolls the transformer blocks (VAR.scan_blocks; same results).
   """
   fn = functools.partial(_sample_program, config, int(top_k), bool(use_top_p), bool(more_smooth),
-                         jnp.dtype(dtype), mesh, bool(return_logits), bool(decode))
+                         jnp.dtype(dtype), mesh, bool(return_logits), bool(decode),
+                         bool(scan_blocks))
   if mesh is None:
     return jax.jit(fn)
   vae_sh, var_sh = param_shardings(config, mesh, dtype)
@@ -213,11 +229,13 @@ def check_args(config: ModelConfig, labels, cfg, top_k, top_p, mesh=None) -> np.
 
 def sample(config: ModelConfig, vae_params, var_params, labels: Sequence[int], *, cfg: float = 1.5,
            top_k: int = 900, top_p: float = 0.96, seed: Any = 0, more_smooth: bool = False,
-           dtype: Any = jnp.float32, mesh: Optional[Mesh] = None, return_logits: bool = False):
+           dtype: Any = jnp.float32, mesh: Optional[Mesh] = None, return_logits: bool = False,
+           scan_blocks: bool = True):
   """See the module docstring."""
   labels_np = check_args(config, labels, cfg, top_k, top_p, mesh)
   fn = make_sample_fn(config, top_k=int(top_k), use_top_p=top_p > 0, more_smooth=bool(more_smooth),
-                      dtype=jnp.dtype(dtype), mesh=mesh, return_logits=bool(return_logits))
+                      dtype=jnp.dtype(dtype), mesh=mesh, return_logits=bool(return_logits),
+                      scan_blocks=bool(scan_blocks))
   key = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
   labels_B = jnp.asarray(labels_np)
   cfg_ = jnp.float32(cfg)

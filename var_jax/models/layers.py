@@ -85,9 +85,13 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x32 / jnp.maximum(norm, eps)
 
 
-def drop_path(module: nn.Module, x_BLC: jax.Array, rate: float, deterministic: bool) -> jax.Array:
-  """Stochastic depth per sample (timm's drop_path with scale_by_keep)."""
-  if deterministic or rate == 0.0:
+def drop_path(module: nn.Module, x_BLC: jax.Array, rate, deterministic: bool) -> jax.Array:
+  """Stochastic depth per sample (timm's drop_path with scale_by_keep).
+
+  `rate` is a Python float (0 skips the op) or a traced scalar (the scanned
+  blocks get their per-block rate as data; rate 0 then keeps every sample).
+  """
+  if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
     return x_BLC
   keep = 1.0 - rate
   mask = jax.random.bernoulli(module.make_rng('dropout'), keep, (x_BLC.shape[0],) + (1,) * (x_BLC.ndim - 1))
@@ -120,6 +124,28 @@ def attention(q_BqHc: jax.Array, k_BkHc: jax.Array, v_BkHc: jax.Array, *, scale:
   return out.astype(v_BkHc.dtype)
 
 
+def _cache_write_read(kv: KV, k_BlHc: jax.Array, v_BlHc: jax.Array, begin: int, layer=None):
+  """Write this scale's keys/values at position `begin` of the cache and read the
+  prefix [0, begin + l) back. layer=None: per-block (B, L, H, c) cache; else a
+  (depth, B, L, H, c) cache indexed at `layer` (static or traced). Both are
+  dynamic_update_slice on the whole buffer, so XLA updates it in place."""
+  B, l, H, c = k_BlHc.shape
+  out = []
+  for cache, new in zip(kv, (k_BlHc, v_BlHc)):
+    new = new.astype(cache.dtype)
+    if layer is None:
+      cache = jax.lax.dynamic_update_slice(cache, new, (0, begin, 0, 0))
+      out.append((cache, cache[:, :begin + l]))
+    else:
+      zero = jnp.zeros((), jnp.int32)
+      idx = jnp.asarray(layer, jnp.int32)
+      cache = jax.lax.dynamic_update_slice(cache, new[None], (idx, zero, jnp.int32(begin), zero, zero))
+      prefix = jax.lax.dynamic_slice(cache, (idx, zero, zero, zero, zero), (1, B, begin + l, H, c))[0]
+      out.append((cache, prefix))
+  (k_cache, k), (v_cache, v) = out
+  return (k_cache, v_cache), k, v
+
+
 # --- modules --------------------------------------------------------------------
 class SelfAttention(nn.Module):
   """Multi-head self-attention with a bias-free qkv Linear plus q/v biases (k bias 0).
@@ -129,6 +155,8 @@ class SelfAttention(nn.Module):
   0.25/sqrt(head_dim) otherwise). With `kv` (a (k, v) cache of shape
   (B, L, H, c)) the new keys/values are written at [begin, begin+l) and the
   queries attend to cache[:, :begin+l] (no mask), as in KV-cached decoding.
+  With `layer` (int or traced index) the cache holds every block, (depth, B, L,
+  H, c), and only this block's slice is written/read, in place.
   """
   embed_dim: int
   num_heads: int
@@ -146,7 +174,7 @@ class SelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BLC, *, mask_LL=None, kv: Optional[KV] = None, begin: int = 0,
-               deterministic: bool = True):
+               layer=None, deterministic: bool = True):
     B, L, C = x_BLC.shape
     H, c = self.num_heads, C // self.num_heads
     qkv = dense(3 * C, ('embed', 'qkv'), 'mat_qkv', kernel_init=trunc_normal(self.init_std),
@@ -166,11 +194,8 @@ class SelfAttention(nn.Module):
       q = (l2_normalize(q) * mul_H1).astype(self.dtype)
       k = l2_normalize(k).astype(self.dtype)
     if kv is not None:
-      k_cache, v_cache = kv
-      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, begin, 0, 0))
-      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, begin, 0, 0))
-      kv = (k_cache, v_cache)
-      k, v = k_cache[:, :begin + L].astype(self.dtype), v_cache[:, :begin + L].astype(self.dtype)
+      kv, k, v = _cache_write_read(kv, k, v, begin, layer)
+      k, v = k.astype(self.dtype), v.astype(self.dtype)
     drop = None
     if self.attn_drop > 0 and not deterministic:
       drop = nn.Dropout(self.attn_drop, deterministic=False)
@@ -262,14 +287,19 @@ class AdaLNSelfAttn(nn.Module):
     return out.reshape(cond_BD.shape[0], 1, 6, self.embed_dim)
 
   def __call__(self, x_BLC, ada_B16C, *, mask_LL=None, kv: Optional[KV] = None, begin: int = 0,
-               deterministic: bool = True):
+               layer=None, deterministic: bool = True, drop_path_rate=None):
+    """-> (x_BLC, kv). `layer` indexes a stacked (depth, ...) cache (see
+    SelfAttention); `drop_path_rate` (float or traced scalar) overrides the
+    `drop_path` field (the scanned blocks pass their rate as data)."""
+    rate = self.drop_path if drop_path_rate is None else drop_path_rate
     g1, g2, s1, s2, b1, b2 = [ada_B16C[:, :, i] for i in range(6)]     # each B1C
     h = layer_norm(x_BLC, self.norm_eps) * (1 + s1) + b1
-    h, kv = self.attn(h, mask_LL=mask_LL, kv=kv, begin=begin, deterministic=deterministic)
-    x_BLC = x_BLC + drop_path(self, h * g1, self.drop_path, deterministic)
+    h, kv = self.attn(h, mask_LL=mask_LL, kv=kv, begin=begin, layer=layer,
+                      deterministic=deterministic)
+    x_BLC = x_BLC + drop_path(self, h * g1, rate, deterministic)
     h = layer_norm(x_BLC, self.norm_eps) * (1 + s2) + b2
     h = self.ffn(h, deterministic=deterministic)
-    x_BLC = x_BLC + drop_path(self, h * g2, self.drop_path, deterministic)
+    x_BLC = x_BLC + drop_path(self, h * g2, rate, deterministic)
     return x_BLC, kv
 
 

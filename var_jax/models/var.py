@@ -13,6 +13,16 @@ layers.py). Two entry points share one set of parameters:
     var_jax.sampler together with `condition`, `first_token_map` and
     `next_token_map`.
 
+Blocks: with `scan_blocks=True` (default) both entry points run the depth loop
+as one `jax.lax.scan` over the block parameters stacked along a leading depth
+axis (`stack_blocks`, done inside the traced function: the stored layout stays
+blocks_0..blocks_{depth-1}, so converters and checkpoints do not change). Each
+step applies one `AdaLNSelfAttn` with its own parameters; the drop-path rate is
+scanned as data and each block gets its own dropout key. This compiles the block
+once instead of `depth` times (per scale when sampling). `scan_blocks=False`
+unrolls the loop (same numbers). `remat=True` recomputes each scanned block's
+activations in the backward pass (jax.checkpoint) to save memory.
+
 Inputs and the head run in float32 (the reference disables autocast there and
 casts to float before the head); the blocks run in `dtype`. With float32
 compute, matmuls default to HIGHEST precision (no TF32 on GPUs) for parity.
@@ -41,18 +51,18 @@ Dtype = Any
 class KVCache:
   """Keys and values of every block for all L positions of the doubled batch.
 
-  k[i], v[i]: (B2, L, H, head_dim) in the compute dtype; scale si writes
-  positions begin_ends[si] and reads [0, end). Shapes never change while
-  decoding, so the cache lives in one buffer per array for the whole sample.
+  k, v: (depth, B2, L, H, head_dim) in the compute dtype (block i at [i]); scale
+  si writes positions begin_ends[si] and reads [0, end). Shapes never change
+  while decoding, so the cache lives in one buffer per array for the whole
+  sample (updated in place by dynamic_update_slice, also inside the block scan).
   """
-  k: Tuple[jax.Array, ...]
-  v: Tuple[jax.Array, ...]
+  k: jax.Array
+  v: jax.Array
 
   @classmethod
   def zeros(cls, config: VARConfig, batch: int, dtype: Dtype = jnp.float32) -> 'KVCache':
-    shape = (batch, config.L, config.num_heads, config.head_dim)
-    return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(config.depth)),
-               v=tuple(jnp.zeros(shape, dtype) for _ in range(config.depth)))
+    shape = (config.depth, batch, config.L, config.num_heads, config.head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
   @staticmethod
   def nbytes(config: VARConfig, batch: int, dtype: Dtype = jnp.float32) -> int:
@@ -75,6 +85,12 @@ def drop_path_rates(config: VARConfig) -> Tuple[float, ...]:
   return tuple(float(r) for r in np.linspace(0, config.drop_path_rate, config.depth, dtype=np.float32))
 
 
+def stack_blocks(params, depth: int):
+  """The per-block subtrees params['blocks_0'..] stacked along a new leading
+  depth axis (the scanned layout; a copy made inside the traced function)."""
+  return jax.tree.map(lambda *x: jnp.stack(x), *[params[f'blocks_{i}'] for i in range(depth)])
+
+
 class VAR(nn.Module):
   config: VARConfig
   vocab_size: int
@@ -87,6 +103,8 @@ class VAR(nn.Module):
   init_adaln: float = 0.5
   init_adaln_gamma: float = 1e-5
   init_head: float = 0.02
+  scan_blocks: bool = True            # lax.scan over stacked blocks (False: unrolled loop)
+  remat: bool = False                 # scan path: recompute block activations in backward
 
   @property
   def _precision(self):
@@ -119,17 +137,63 @@ class VAR(nn.Module):
     if cfg.shared_aln:
       self.shared_ada_lin_1 = dense(6 * C, ('cond', 'adaln'), kernel_init=trunc_normal(std), **f32)
     dpr = drop_path_rates(cfg)
-    self.blocks = [
-        AdaLNSelfAttn(
-            C, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps, cfg.shared_aln, cfg.attn_l2_norm,
-            cfg.attn_scale, cfg.max_scale_mul, drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate,
-            drop_path=dpr[i], depth=cfg.depth, init_std=std, init_adaln=self.init_adaln,
-            init_adaln_gamma=self.init_adaln_gamma, implementation=self._attention_impl,
-            dtype=self.dtype, param_dtype=self.param_dtype, precision=self._precision)
-        for i in range(cfg.depth)]
+    self.blocks = [AdaLNSelfAttn(**self._block_fields(), drop_path=dpr[i]) for i in range(cfg.depth)]
     self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps, init_std=std, init_adaln=self.init_adaln, **f32)
     self.head = dense(self.vocab_size, ('embed', 'vocab'),
                       kernel_init=trunc_normal(std, self.init_head), **f32)
+
+  def _block_fields(self):
+    cfg, C = self.config, self.config.embed_dim
+    std = self.init_std if self.init_std >= 0 else math.sqrt(1 / C / 3)
+    return dict(
+        embed_dim=C, num_heads=cfg.num_heads, mlp_hidden=cfg.mlp_hidden, norm_eps=cfg.norm_eps,
+        shared_aln=cfg.shared_aln, l2_norm=cfg.attn_l2_norm, attn_scale=cfg.attn_scale,
+        max_scale_mul=cfg.max_scale_mul, drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate,
+        depth=cfg.depth, init_std=std, init_adaln=self.init_adaln,
+        init_adaln_gamma=self.init_adaln_gamma, implementation=self._attention_impl,
+        dtype=self.dtype, param_dtype=self.param_dtype, precision=self._precision)
+
+  def _use_scan(self) -> bool:
+    # init must run the unrolled blocks to create blocks_0.. params
+    return self.scan_blocks and not self.is_initializing()
+
+  def _scan_blocks(self, x_BLC, ada, *, stacked=None, mask_LL=None, cache=None, begin=0,
+                   train=False, remat=False):
+    """All blocks as one lax.scan over stacked parameters -> (x_BLC, cache or None).
+
+    The carry is (x, cache k, cache v): the (depth, ...) cache buffers are
+    updated in place at [i, :, begin] by each step. xs: block params, AdaLN
+    modulation, block index, drop-path rate and dropout key of each block.
+    """
+    depth = self.config.depth
+    if stacked is None:
+      stacked = stack_blocks(self.variables['params'], depth)
+    ada = jnp.stack(ada) if isinstance(ada, (tuple, list)) else ada
+    block = AdaLNSelfAttn(**self._block_fields(), drop_path=0.0, parent=None)
+    rates = keys = None
+    if train:
+      keys = jax.random.split(self.make_rng('dropout'), depth)
+      if self.config.drop_path_rate > 0:
+        rates = jnp.asarray(drop_path_rates(self.config), jnp.float32)
+
+    def step(x, kv, xs):
+      p, ada_i, i, rate, key = xs
+      return block.apply({'params': p}, x, ada_i, mask_LL=mask_LL, kv=kv, begin=begin,
+                         layer=None if kv is None else i, deterministic=not train,
+                         drop_path_rate=rate, rngs=None if key is None else {'dropout': key})
+
+    if remat:
+      step = jax.checkpoint(step, prevent_cse=False)
+
+    def body(carry, xs):
+      x, kv = carry
+      x, kv = step(x, kv, xs)
+      return (x, kv), None
+
+    kv0 = None if cache is None else (cache.k, cache.v)
+    xs = (stacked, ada, jnp.arange(depth, dtype=jnp.int32), rates, keys)
+    (x_BLC, kv), _ = jax.lax.scan(body, (x_BLC, kv0), xs)
+    return x_BLC, (None if kv is None else KVCache(k=kv[0], v=kv[1]))
 
   # --- pieces shared by teacher forcing and decoding ------------------------------
   def condition(self, labels_B: jax.Array):
@@ -176,24 +240,34 @@ class VAR(nn.Module):
     x_BLC = jnp.concatenate([jnp.broadcast_to(sos, (B,) + sos.shape[1:]), words], axis=1)
     x_BLC = (x_BLC + self.lvl_pos(0, cfg.L)).astype(self.dtype)
     mask_LL = block_causal_mask(cfg.patch_nums)
-    for block, ada_B16C in zip(self.blocks, ada):
-      x_BLC, _ = block(x_BLC, ada_B16C, mask_LL=mask_LL, deterministic=not train)
+    if self._use_scan():
+      x_BLC, _ = self._scan_blocks(x_BLC, ada, mask_LL=mask_LL, train=train, remat=self.remat)
+    else:
+      for block, ada_B16C in zip(self.blocks, ada):
+        x_BLC, _ = block(x_BLC, ada_B16C, mask_LL=mask_LL, deterministic=not train)
     return self.get_logits(x_BLC, cond_BD)
 
-  def decode_scale(self, si: int, x_BlC: jax.Array, cond_BD: jax.Array,
-                   ada: Tuple[jax.Array, ...], cache: KVCache):
+  def decode_scale(self, si: int, x_BlC: jax.Array, cond_BD: jax.Array, ada, cache: KVCache,
+                   stacked=None):
     """Scale si's tokens through every block with the KV cache (no mask needed:
-    they see all earlier scales and each other) -> (logits_BlV f32, new cache)."""
+    they see all earlier scales and each other) -> (logits_BlV f32, new cache).
+
+    ada: the per-block modulations from `condition` (a tuple, or stacked
+    (depth, B, 1, 6, C)). stacked: optionally `stack_blocks(params, depth)`
+    computed once by the caller (the sampler) instead of at every scale.
+    """
     begin, end = self.config.begin_ends[si]
     if x_BlC.shape[1] != end - begin:
       raise ValueError(f'scale {si} has {end - begin} tokens, got {x_BlC.shape[1]}')
     x = x_BlC.astype(self.dtype)
-    ks, vs = [], []
-    for block, ada_B16C, k, v in zip(self.blocks, ada, cache.k, cache.v):
-      x, (k, v) = block(x, ada_B16C, kv=(k, v), begin=begin)
-      ks.append(k)
-      vs.append(v)
-    return self.get_logits(x, cond_BD), KVCache(k=tuple(ks), v=tuple(vs))
+    if self._use_scan():
+      x, cache = self._scan_blocks(x, ada, stacked=stacked, cache=cache, begin=begin)
+    else:
+      kv = (cache.k, cache.v)
+      for i, block in enumerate(self.blocks):
+        x, kv = block(x, ada[i], kv=kv, begin=begin, layer=i)
+      cache = KVCache(k=kv[0], v=kv[1])
+    return self.get_logits(x, cond_BD), cache
 
 
 # --- plain-function helpers -----------------------------------------------------
