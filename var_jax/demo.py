@@ -79,7 +79,7 @@ def run(out_dir: str | os.PathLike = 'var_jax_demo', *, per_class: Optional[int]
   n_cls = int(labels.max()) + 1
   big = np.repeat(np.repeat(images, scale, axis=1), scale, axis=2) if scale > 1 else images
   grid_path, npz_path = out / 'grid.png', out / 'samples.npz'
-  save_png(grid_path, make_grid(big, nrow=len(labels) // n_cls, padding=2))
+  save_png(grid_path, make_grid(big, nrow=len(labels) // n_cls, padding=2, pad_value=96))
   save_npz(npz_path, {'images': images, 'labels': labels})
   return {'grid': grid_path, 'samples': npz_path}
 
@@ -95,6 +95,8 @@ def measure(pipe=None, *, per_class: int = 50, cfg: Optional[float] = None,
                real held-out digits for comparison;
   diversity    mean pairwise distance (8x8 features in [0, 1]) of the samples of each
                class vs. the real held-out digits of that class, averaged over classes;
+  nearest_train_distance  mean distance of each sample (and of each real held-out digit)
+               to its nearest training digit: near 0 would mean copies;
   recon_psnr   the tokenizer's reconstruction PSNR / SSIM on the 297 held-out digits.
   """
   from var_jax.data import digits
@@ -122,6 +124,8 @@ def measure(pipe=None, *, per_class: int = 50, cfg: Optional[float] = None,
       'classifier_accuracy_on_real_test': float(
           digits.fit_classifier().score(real.reshape(len(real), 64) / 16.0, real_y)),
       'diversity': digits.diversity_report(images, labels),
+      'nearest_train_distance': {'samples': digits.nearest_train_distance(images),
+                                 'real_test': digits.nearest_train_distance(test_imgs)},
       'recon_psnr': float(np.mean(np.asarray(metrics.psnr(rec, x)))),
       'recon_ssim': float(np.mean(np.asarray(metrics.ssim(rec, x)))),
   }

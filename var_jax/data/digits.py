@@ -163,3 +163,12 @@ def diversity_report(images_NHWC: np.ndarray, labels_N: np.ndarray, split: str =
     raise ValueError('need at least two samples of some class')
   g, r = float(np.mean(gen)), float(np.mean(ref))
   return {'samples': g, 'real': r, 'ratio': g / r}
+
+
+def nearest_train_distance(images_NHWC: np.ndarray) -> float:
+  """Mean L2 distance (8x8 features) from each image to its nearest TRAIN digit: a copy
+  detector. Compare with the same figure for the real held-out digits."""
+  train, _ = digits_arrays('train')
+  f, t = to_8x8_features(images_NHWC).astype(np.float64), to_8x8_features(train).astype(np.float64)
+  d2 = np.sum(f * f, 1)[:, None] + np.sum(t * t, 1)[None] - 2 * f @ t.T
+  return float(np.sqrt(np.maximum(d2.min(axis=1), 0.0)).mean())
