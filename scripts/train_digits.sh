@@ -25,7 +25,7 @@ t1=$(date +%s)
 t2=$(date +%s)
 
 rm -rf "$ASSET.new" && cp -r "$WORK/var/export" "$ASSET.new"
-"$PY" scripts/eval_digits.py --checkpoint "$ASSET.new" --write \
+"$PY" scripts/eval_digits.py --checkpoint "$ASSET.new" --write --cfg 2.0 --top-k 0 --top-p 0 --seed 0 \
     --note "train-vqvae $((t1 - t0))s, train (VAR) $((t2 - t1))s on $(nproc) CPU core(s)"
 rm -rf "$ASSET" && mv "$ASSET.new" "$ASSET"
 echo "installed $ASSET (vqvae $((t1 - t0))s, var $((t2 - t1))s); try: var-jax demo --out /tmp/demo"

@@ -158,7 +158,7 @@ def _tiny_config(**kw):
           'model.num_res_blocks': 1, 'model.using_sa': False, 'model.using_mid_sa': False,
           'model.patch_nums': (1, 2, 4), 'model.codebook_init': -1.0,
           'data.synthetic_examples': 32, 'data.mid_reso': 1.0, 'batch_size': 8, 'total_steps': 4,
-          'loss.disc': 0.5, 'loss.disc_start': 2, 'loss.disc_ndf': 16, 'loss.disc_layers': 1,
+          'loss.disc': 0.5, 'loss.disc_start': 0, 'loss.disc_ndf': 16, 'loss.disc_layers': 1,
           'ema': 0.5, 'codebook.restart_every': 0, 'run.log_every': 1, 'run.save_every': 2,
           'run.eval_every': 4, 'run.eval_batches': 1, 'run.async_checkpoint': False}
   over.update(kw)
@@ -180,7 +180,7 @@ def trainer(tmp_path_factory):
 
 def test_trainer_resume_is_exact_and_exports(trainer, tmp_path):
   import var_jax
-  # 4 steps straight (discriminator from step 2, EMA on) vs. 2 + resume 2
+  # 4 steps straight (discriminator from the start: one compiled step; EMA on) vs. 2 + resume 2
   trainer.workdir = str(tmp_path / 'straight')
   s1 = trainer.train()
   p_straight = jax.device_get(trainer.state)

@@ -108,7 +108,7 @@ def make_train_step(vae, disc, lpips, tx, dtx, lc, *, use_disc: bool, use_lpips:
       grads = jax.tree_util.tree_map(lambda a, b: a + w * b, grads, g_grads)
       loss = main + w * g_loss
       aux.update(g_loss=g_loss, d_weight=w)
-    gnorm = optax.global_norm(grads)
+    gnorm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     updates, opt_state = tx.update(grads, g.opt_state, g.params)
     params = jax.tree_util.tree_map(lambda p, u: p + u, g.params, updates)
