@@ -1,16 +1,16 @@
 """The embedded digits transformer: a small class-conditional VAR on scikit-learn's digits.
 
-Command (after configs/digits_vqvae.py; scripts/train_digits.sh runs both and installs
+Command (after configs/digits_vqvae.py; launch/train_digits.sh runs both and installs
 the result in var_jax/assets/digits):
   var-jax train --config configs/digits_var.py --workdir /tmp/digits_var \
       --config.vae.checkpoint=/tmp/digits_vqvae/export
 
-Hardware/time: see docs/DIGITS.md (2-core CPU, a few minutes).
+Hardware/time: 2-core CPU shared with other jobs; see README.md ("The embedded digits model").
 Model: depth 4, width 128, 4 heads, 10 classes, class dropout 0.1 (for guidance),
 patch_nums (1,2,3,4,6,8) = 130 tokens over the digits tokenizer (vocab 256, Cvae 16).
 Default tokenizer: the one shipped in var_jax/assets/digits, so the transformer can be
 retrained alone; the script points it at a freshly trained one.
-Expected result: docs/DIGITS.md (classifier accuracy of the samples, diversity).
+Expected result: README.md ("The embedded digits model") (classifier accuracy of the samples, diversity).
 """
 import os
 

@@ -1,15 +1,15 @@
 """The embedded digits tokenizer: a small multi-scale VQVAE on scikit-learn's digits at 32x32.
 
-Command (the whole digits default, tokenizer then transformer, is scripts/train_digits.sh):
+Command (the whole digits default, tokenizer then transformer, is launch/train_digits.sh):
   var-jax train-vqvae --config configs/digits_vqvae.py --workdir /tmp/digits_vqvae
 
-Hardware/time: see docs/DIGITS.md (2-core CPU, a few minutes).
+Hardware/time: 2-core CPU shared with other jobs; see README.md ("The embedded digits model").
 Model: f4 (ch_mult (1,1,2)), ch 32, one res block per level, mid attention, vocab 256,
 Cvae 16, patch_nums (1,2,3,4,6,8) -> 32 px, 4 partially shared phi convs.
 Loss: L1 + L2 + VQ (beta 0.25); no LPIPS/GAN (no downloads); EMA of the weights;
 dead-code restarts during the first two thirds. Data: 1500 train digits (fixed split,
 var_jax.data.digits), no flips (digits are not mirror-symmetric).
-Expected result: docs/DIGITS.md (held-out PSNR, codebook usage).
+Expected result: README.md ("The embedded digits model") (held-out PSNR, codebook usage).
 """
 from var_jax.train.config_loader import import_sibling
 

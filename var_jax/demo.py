@@ -6,9 +6,9 @@
 
 The checkpoint in var_jax/assets/digits is a native var-jax checkpoint (tokenizer
 and transformer) trained by this package's own trainers on scikit-learn's digits
-(configs/digits_vqvae.py, configs/digits_var.py, scripts/train_digits.sh). Its
+(configs/digits_vqvae.py, configs/digits_var.py, launch/train_digits.sh). Its
 sampling defaults (guidance, top-k, top-p) and the figures measured with them are in
-assets/digits/demo.json; docs/DIGITS.md explains them.
+assets/digits/demo.json; README.md ("The embedded digits model") explains them.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ FALLBACK = {'cfg': 2.0, 'top_k': 0, 'top_p': 0.0, 'per_class': 10, 'seed': 0}
 def asset_dir() -> pathlib.Path:
   if not (ASSET_DIR / 'config.json').is_file():
     raise FileNotFoundError(f'the embedded digits checkpoint is missing from {ASSET_DIR} '
-                            '(reinstall var-jax, or rebuild it with scripts/train_digits.sh)')
+                            '(reinstall var-jax, or rebuild it with launch/train_digits.sh)')
   return ASSET_DIR
 
 
@@ -87,7 +87,7 @@ def run(out_dir: str | os.PathLike = 'var_jax_demo', *, per_class: Optional[int]
 def measure(pipe=None, *, per_class: int = 50, cfg: Optional[float] = None,
             top_k: Optional[int] = None, top_p: Optional[float] = None,
             seed: Optional[int] = None, batch: int = 100) -> Dict[str, Any]:
-  """The figures of docs/DIGITS.md for a digits Pipeline:
+  """The figures of README.md ("The embedded digits model") for a digits Pipeline:
 
   accuracy     share of class-conditional samples that a logistic regression trained on
                the real 8x8 train digits labels as the requested class (samples resized

@@ -3,7 +3,7 @@
 Loads the digits checkpoint shipped in the package (var_jax/assets/digits), draws
 --per-class samples of each of the 10 classes with the shipped sampling defaults,
 and writes DIR/grid.png (a row per class) and DIR/samples.npz (images: uint8 NHWC,
-labels: int32). See var_jax.demo and docs/DIGITS.md.
+labels: int32). See var_jax.demo and README.md ("The embedded digits model").
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Measure a digits checkpoint (the embedded one by default) and optionally record the figures.
 
-  python scripts/eval_digits.py [--checkpoint DIR] [--per-class 50] [--cfg 2.0 ...]
-  python scripts/eval_digits.py --checkpoint DIR --sweep-cfg 1,2,3,4 --sweep-top-p 0,0.9
-  python scripts/eval_digits.py --checkpoint DIR --cfg 3 --write   # DIR/demo.json
+  python benchmarks/eval_digits.py [--checkpoint DIR] [--per-class 50] [--cfg 2.0 ...]
+  python benchmarks/eval_digits.py --checkpoint DIR --sweep-cfg 1,2,3,4 --sweep-top-p 0,0.9
+  python benchmarks/eval_digits.py --checkpoint DIR --cfg 3 --write   # DIR/demo.json
 
 Prints JSON: classifier accuracy of class-conditional samples (the requested class, via a
 logistic regression on the real 8x8 digits), diversity vs. real digits, and the
