@@ -1,12 +1,19 @@
 """Sampling throughput of var_jax.sampler with random weights.
 
     .venv/bin/python benchmarks/sample_bench.py --model d16 --batch 16 --dtype bfloat16 --runs 5
+    .venv/bin/python benchmarks/sample_bench.py --model d16 --batch 1 --unrolled --tf_compile_only
 
 Prints the compile time of the one-program sampler, the median seconds per batch
 and images/s, the FLOPs of the transformer (counted analytically: every matmul
 of every scale on the doubled guidance batch) and of the VQVAE decoder (XLA cost
 analysis of decode_fhat), their achieved TFLOP/s and fraction of the device's
-peak, and the KV-cache size. The transformer part is timed as the sampler
+peak, and the KV-cache size. --unrolled runs the transformer blocks as an
+unrolled Python loop instead of the default lax.scan over stacked blocks
+(VAR.scan_blocks). --tf_compile times the compilation of the teacher-forcing
+forward (VAR.__call__) and of its gradient (what the trainer compiles) at the
+model's full L; --tf_compile_only stops after that. The number of full-cache
+copies in the optimised sampler program is printed as a check that the KV cache
+is updated in place. The transformer part is timed as the sampler
 program without its decoder (decode=False: transformer, token selection and the
 quantizer steps); the decoder alone on the same batch.
 Weights are random (fan-in scaled normals): the timings do not depend on them.
@@ -71,6 +78,32 @@ def random_params(abstract, seed: int):
   return jax.tree_util.tree_map_with_path(make, abstract)
 
 
+def cache_copies(compiled, cfg: ModelConfig, batch: int, dtype) -> int:
+  """`copy` instructions of the optimised HLO whose result has the full KV-cache
+  shape (depth, 2B, L, H, c): 0 means the cache is only updated in place."""
+  v = cfg.var
+  dims = f'[{v.depth},{2 * batch},{v.L},{v.num_heads},{v.head_dim}]'
+  name = {'float32': 'f32', 'bfloat16': 'bf16'}[jnp.dtype(dtype).name]
+  return sum(1 for line in compiled.as_text().splitlines()
+             if f'{name}{dims}' in line.split('=', 1)[-1].split('(')[0] and ' copy(' in line)
+
+
+def tf_compile_times(cfg: ModelConfig, var_p, labels, dtype, scan: bool):
+  """Compile time of the teacher-forcing forward and of forward+backward (train=True)."""
+  var_m = sampler._models(cfg, dtype, scan)[0]
+  x = jnp.zeros((labels.shape[0], cfg.var.L - cfg.var.first_l, cfg.vae.Cvae), jnp.float32)
+  fwd = jax.jit(lambda p, l, x: var_m.apply({'params': p}, l, x))
+
+  def loss(p, l, x, k):
+    return var_m.apply({'params': p}, l, x, train=True, rngs={'dropout': k}).mean()
+  grad = jax.jit(jax.grad(loss))
+  for name, f, a in (('forward', fwd, (var_p, labels, x)),
+                     ('forward+backward (train=True)', grad, (var_p, labels, x, jax.random.key(0)))):
+    t0 = time.perf_counter()
+    f.lower(*a).compile()
+    print(f'teacher-forcing compile, {name}: {time.perf_counter() - t0:.1f} s')
+
+
 def peak(dtype: str):
   kind = jax.devices()[0].device_kind
   for (k, d), v in PEAK_TFLOPS.items():
@@ -88,7 +121,11 @@ def main():
   ap.add_argument('--cfg', type=float, default=1.5)
   ap.add_argument('--top_k', type=int, default=900)
   ap.add_argument('--top_p', type=float, default=0.96)
+  ap.add_argument('--unrolled', action='store_true', help='unrolled blocks (scan_blocks=False)')
+  ap.add_argument('--tf_compile', action='store_true', help='also time teacher-forcing compiles')
+  ap.add_argument('--tf_compile_only', action='store_true')
   args = ap.parse_args()
+  scan = not args.unrolled
 
   cfg = model_config(args.model)
   top_k = min(args.top_k, cfg.vae.vocab_size)
@@ -96,14 +133,20 @@ def main():
   dev = jax.devices()[0]
   print(f'device: {dev.device_kind} ({dev.platform}) x{len(jax.devices())}; model {args.model} '
         f'(depth {cfg.var.depth}, C {cfg.var.embed_dim}, L {cfg.var.L}, V {cfg.vae.vocab_size}); '
-        f'batch {args.batch}; dtype {args.dtype}; cfg {args.cfg} top_k {top_k} top_p {args.top_p}')
+        f'batch {args.batch}; dtype {args.dtype}; cfg {args.cfg} top_k {top_k} top_p {args.top_p}; '
+        f'blocks {"lax.scan" if scan else "unrolled"}')
 
-  t0 = time.perf_counter()
   var_m, vae_m = sampler._models(cfg, dtype)
   img = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.vae.in_channels))
   var_abs = jax.eval_shape(lambda: var_m.init({'params': jax.random.key(0)},
                                               *dummy_inputs(cfg.var, cfg.vae.Cvae))['params'])
   vae_abs = jax.eval_shape(lambda: vae_m.init({'params': jax.random.key(0)}, img)['params'])
+  labels = jnp.arange(args.batch, dtype=jnp.int32) % cfg.var.num_classes
+  if args.tf_compile or args.tf_compile_only:   # shapes suffice to compile: no weights needed
+    tf_compile_times(cfg, nn.meta.unbox(var_abs), labels, dtype, scan)
+    if args.tf_compile_only:
+      return
+  t0 = time.perf_counter()
   var_p, vae_p = random_params(nn.meta.unbox(var_abs), 0), random_params(nn.meta.unbox(vae_abs), 1)
   jax.block_until_ready((var_p, vae_p))
   n_var = sum(x.size for x in jax.tree.leaves(var_p))
@@ -111,14 +154,15 @@ def main():
   print(f'random weights: {time.perf_counter() - t0:.1f} s; VAR {n_var / 1e6:.1f} M params, '
         f'VQVAE {n_vae / 1e6:.1f} M params')
 
-  labels = jnp.arange(args.batch, dtype=jnp.int32) % cfg.var.num_classes
   call_args = (vae_p, var_p, labels, jnp.float32(args.cfg), jnp.float32(args.top_p), jax.random.key(0))
   progs = {}
   for decode in (True, False):
-    fn = sampler.make_sample_fn(cfg, top_k=top_k, use_top_p=args.top_p > 0, dtype=dtype, decode=decode)
+    fn = sampler.make_sample_fn(cfg, top_k=top_k, use_top_p=args.top_p > 0, dtype=dtype, decode=decode,
+                                scan_blocks=scan)
     t0 = time.perf_counter()
     progs[decode] = fn.lower(*call_args).compile()
     print(f'compile ({"full sampler" if decode else "without decoder"}): {time.perf_counter() - t0:.1f} s')
+  print(f'full-KV-cache copies in the optimised sampler: {cache_copies(progs[True], cfg, args.batch, dtype)}')
   hw = cfg.patch_nums[-1]
   f_hat = jax.random.normal(jax.random.key(2), (args.batch, hw, hw, cfg.vae.Cvae))
   dec = jax.jit(lambda p, f: vae_m.apply({'params': p}, f, method=VQVAE.decode_fhat))
