@@ -102,3 +102,15 @@ def replicate_tree(tree: Any, mesh: Mesh) -> Any:
 
 def count_params(params: Any) -> int:
   return int(sum(int(x.size) for x in jax.tree_util.tree_leaves(params)))
+
+
+def to_host(tree: Any) -> Any:
+  """Numpy copies of (possibly sharded) arrays, on every process.
+
+  With several processes an array sharded across hosts is not fully addressable, so
+  `jax.device_get` cannot read it; `process_allgather` assembles the global value.
+  """
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)

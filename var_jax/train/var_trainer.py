@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from typing import Any, Dict, Optional
 
@@ -27,7 +26,8 @@ from flax import linen as nn
 from var_jax import parallel
 from var_jax.config import ModelConfig, VARConfig, VQVAEConfig
 from var_jax.data import images as data_lib
-from var_jax.train import checkpointing, metrics as metrics_lib, optim, state as state_lib, step as step_lib
+from var_jax.train import checkpointing, metrics as metrics_lib, optim, preemption
+from var_jax.train import state as state_lib, step as step_lib
 
 log = logging.getLogger('var_jax.train')
 
@@ -156,7 +156,6 @@ class VARTrainer:
         in_shardings=(self.state_shardings.params, vae_sh, self._batch_sh), out_shardings=repl)
     self.flops_per_image = step_lib.var_flops_per_image(self.var_cfg, self.V, self.Cvae)
     self.peak_flops = c.run.peak_flops_per_device or step_lib.peak_flops()
-    self._stop_requested = False
 
   # --- pieces ----------------------------------------------------------------------
   def init_state(self):
@@ -258,8 +257,7 @@ class VARTrainer:
         f'{self.steps_per_epoch} steps/epoch, steps {start} -> {end} of {self.total_steps}, '
         f'peak lr {self.optim_spec.peak_lr:.3g}, {jax.process_count()} process(es)')
 
-    self._stop_requested = False
-    old_handler = self._install_sigterm()
+    stop = preemption.StopFlag().install()
     acc = metrics_lib.MeanAccumulator()
     pending = None                  # (step, device metrics) not yet checked on the host
     last = {}
@@ -285,7 +283,7 @@ class VARTrainer:
     step = start
     try:
       while step < end:
-        if self._stop_requested or (jax.process_count() > 1 and mngr.reached_preemption(step)):
+        if stop.requested or (jax.process_count() > 1 and mngr.reached_preemption(step)):
           status = 'preempted'
           break
         batch = self.global_batch_arrays(next(it))
@@ -333,7 +331,7 @@ class VARTrainer:
     finally:
       mngr.close()
       writer.close()
-      self._restore_sigterm(old_handler)
+      stop.restore()
     if status == 'done' and step == self.total_steps and run.export:
       self.export(state.params)
     self.state = state
@@ -348,26 +346,11 @@ class VARTrainer:
     except ImportError:
       return None
     out = os.path.join(self.workdir, 'export')
-    checkpoint.save(out, self.model_config, jax.device_get(self.vae_params),
-                    jax.device_get(var_params), force=True)
-    metrics_lib.print0(f'[train] exported {out} (var_jax.load({out!r}))')
+    vae_params, var_params = state_lib.to_host((self.vae_params, var_params))
+    if jax.process_index() == 0:   # one writer: the other processes hold the same values
+      checkpoint.save(out, self.model_config, vae_params, var_params, force=True)
+      metrics_lib.print0(f'[train] exported {out} (var_jax.load({out!r}))')
     return out
-
-  # --- SIGTERM: finish the step, save, exit ----------------------------------------------
-  def _install_sigterm(self):
-    if jax.process_count() > 1:   # jax.distributed's preemption service handles it (all hosts agree)
-      return None
-    try:
-      return signal.signal(signal.SIGTERM, self._on_sigterm)
-    except ValueError:   # not the main thread
-      return None
-
-  def _on_sigterm(self, signum, frame):
-    self._stop_requested = True
-
-  def _restore_sigterm(self, old):
-    if old is not None:
-      signal.signal(signal.SIGTERM, old)
 
 
 def _dummy(cfg: VARConfig, Cvae: int):

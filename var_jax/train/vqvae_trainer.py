@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 from typing import Any, Dict, Optional
 
@@ -30,9 +29,9 @@ from var_jax import parallel
 from var_jax.config import ModelConfig
 from var_jax.data import images as data_lib
 from var_jax.eval import metrics as eval_lib
-from var_jax.train import checkpointing, losses, metrics as metrics_lib, optim
+from var_jax.train import checkpointing, losses, metrics as metrics_lib, optim, preemption
 from var_jax.train import vqvae_step as vs
-from var_jax.train.state import TrainState, abstract_with_shardings, count_params
+from var_jax.train.state import TrainState, abstract_with_shardings, count_params, to_host
 
 log = logging.getLogger('var_jax.train')
 
@@ -113,7 +112,6 @@ class VQVAETrainer:
         in_shardings=(self.state_shardings.gen.params,
                       {'image': self._img_sh, 'mask': self._mask_sh}, lp_sh),
         out_shardings=repl)
-    self._stop_requested = False
 
   # --- state ----------------------------------------------------------------------
   def _boxed_state(self, rng):
@@ -218,7 +216,7 @@ class VQVAETrainer:
         f'{self.num_params / 1e6:.2f}M params, mesh {dict(self.mesh.shape)}, batch '
         f'{self.global_batch}, steps {start} -> {end} of {self.total_steps}, '
         f'lr {self.optim_spec.peak_lr:.3g}, extras: {", ".join(extras) or "none"}')
-    old = self._install_sigterm()
+    stop = preemption.StopFlag().install()
     acc = metrics_lib.MeanAccumulator()
     last: Dict[str, Any] = {}
     last_eval: Dict[str, float] = {}
@@ -242,7 +240,7 @@ class VQVAETrainer:
 
     try:
       while step < end:
-        if self._stop_requested:
+        if stop.requested or (jax.process_count() > 1 and mngr.reached_preemption(step)):
           status = 'preempted'
           break
         images = self._global(next(it)['image'], self._img_sh)
@@ -284,7 +282,7 @@ class VQVAETrainer:
     finally:
       mngr.close()
       writer.close()
-      self._restore_sigterm(old)
+      stop.restore()
     self.state = state
     export = None
     if status == 'done' and step == self.total_steps and run.export:
@@ -298,8 +296,8 @@ class VQVAETrainer:
     """A native var_jax checkpoint of the (EMA) tokenizer, with its code-hit statistics."""
     from var_jax import checkpoint
     out = directory or os.path.join(self.workdir, 'export')
-    params = jax.device_get(self.eval_params(state))
-    hits = np.asarray(jax.device_get(state.hits_SV), np.float32)
+    params, hits = to_host((self.eval_params(state), state.hits_SV))
+    hits = np.asarray(hits, np.float32)
     if jax.process_index() == 0:
       checkpoint.save(out, ModelConfig(vae=self.vae_cfg, var=None), params,
                       buffers={'vae': {'quantize.ema_vocab_hit_SV': hits}}, force=True)
@@ -307,16 +305,3 @@ class VQVAETrainer:
                          'of the VAR trainer)')
     return out
 
-  # --- SIGTERM: finish the step, save, exit ------------------------------------------
-  def _install_sigterm(self):
-    try:
-      return signal.signal(signal.SIGTERM, self._on_sigterm)
-    except ValueError:   # not the main thread
-      return None
-
-  def _on_sigterm(self, signum, frame):
-    self._stop_requested = True
-
-  def _restore_sigterm(self, old):
-    if old is not None:
-      signal.signal(signal.SIGTERM, old)
