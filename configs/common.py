@@ -49,6 +49,17 @@ def run_section(**kw):
   return ml_collections.ConfigDict(d)
 
 
+def apply_overrides(c, over):
+  """Sets dotted keys ('optim.tblr': 8e-5) of a ConfigDict; returns it."""
+  for k, v in over.items():
+    *parents, leaf = k.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
 def var_config(depth=16, patch_nums=PN_256, **over):
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -86,10 +97,4 @@ def var_config(depth=16, patch_nums=PN_256, **over):
   c.dtype = 'bfloat16'           # compute
   c.param_dtype = 'float32'      # master weights
   c.run = run_section()
-  for k, v in over.items():
-    *parents, leaf = k.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return apply_overrides(c, over)

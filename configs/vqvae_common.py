@@ -55,10 +55,4 @@ def vqvae_config(**over):
   c.dtype = 'float32'            # compute (bfloat16 for speed on accelerators)
   c.param_dtype = 'float32'
   c.run = common.run_section(eval_every=5000, eval_batches=20)
-  for k, v in over.items():
-    *parents, leaf = k.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return common.apply_overrides(c, over)

@@ -281,3 +281,11 @@ def make_pipeline(source, *, global_batch_size: int, image_size: int, train: boo
   it_ds = it_ds.batch(lb, drop_remainder=train).map(lambda b: _finish(b, normalize) | (
       {} if train else {'ok': b['ok']}))
   return ImagePipeline(it_ds, counter, load, lb, steps_per_epoch, n_batches)
+
+
+def make_eval_pipeline(data_cfg, *, global_batch_size: int, image_size: int) -> ImagePipeline:
+  """The eval split of `data_cfg` (centre crops, uint8, padded batches with a 'mask')."""
+  source = make_source(data_cfg, 'eval', image_size)
+  return make_pipeline(source, global_batch_size=global_batch_size, image_size=image_size,
+                       train=False, mid_reso=data_cfg.mid_reso, num_threads=data_cfg.num_threads,
+                       normalize=False)

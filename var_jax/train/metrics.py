@@ -116,3 +116,19 @@ def print0(*args, **kw) -> None:
   if jax.process_index() == 0:
     kw.setdefault('flush', True)
     print(*args, **kw)
+
+
+def sum_over_batches(batches, step_fn, max_batches: int = -1) -> Dict[str, Any]:
+  """Adds up a (jitted) eval step's outputs over `batches`; returns host numpy sums.
+
+  max_batches < 0 reads them all. The sums stay on the device until the end.
+  """
+  total = None
+  for i, batch in enumerate(batches):
+    if 0 <= max_batches <= i:
+      break
+    out = step_fn(batch)
+    total = out if total is None else jax.tree_util.tree_map(lambda a, b: a + b, total, out)
+  if total is None:
+    raise ValueError('the eval split yielded no batch')
+  return jax.device_get(total)

@@ -205,21 +205,16 @@ class VARTrainer:
     return step_lib.loss_weights(self.var_cfg.L, self.var_cfg.begin_ends, si, wp)
 
   def evaluate(self, params, max_batches: int = -1) -> Dict[str, float]:
-    d = self.cfg.data
-    src = data_lib.make_source(d, 'eval', self.image_size)
-    it = data_lib.make_pipeline(src, global_batch_size=self.global_batch, image_size=self.image_size,
-                                train=False, mid_reso=d.mid_reso, num_threads=d.num_threads,
-                                normalize=False)
-    total = None
-    for i, local in enumerate(it):
-      if 0 <= max_batches <= i:
-        break
+    it = data_lib.make_eval_pipeline(self.cfg.data, global_batch_size=self.global_batch,
+                                     image_size=self.image_size)
+
+    def step(local):
       batch = {k: jax.make_array_from_process_local_data(self._batch_sh[k], v)
                for k, v in local.items()}
       with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-        out = self._eval_step(params, self.vae_params, batch)
-      total = out if total is None else jax.tree_util.tree_map(jnp.add, total, out)
-    total = jax.device_get(total)
+        return self._eval_step(params, self.vae_params, batch)
+
+    total = metrics_lib.sum_over_batches(it, step, max_batches)
     n = max(float(total.pop('count')), 1.0)
     return {k: float(v) / n for k, v in total.items() if np.ndim(v) == 0}
 

@@ -161,21 +161,16 @@ class VQVAETrainer:
 
   # --- eval -----------------------------------------------------------------------
   def evaluate(self, params, max_batches: int = -1) -> Dict[str, float]:
-    d = self.cfg.data
-    src = data_lib.make_source(d, 'eval', self.image_size)
-    it = data_lib.make_pipeline(src, global_batch_size=self.global_batch, image_size=self.image_size,
-                                train=False, mid_reso=d.mid_reso, num_threads=d.num_threads,
-                                normalize=False)
-    total = None
-    for i, local in enumerate(it):
-      if 0 <= max_batches <= i:
-        break
+    it = data_lib.make_eval_pipeline(self.cfg.data, global_batch_size=self.global_batch,
+                                     image_size=self.image_size)
+
+    def step(local):
       batch = {'image': self._global(local['image'], self._img_sh),
                'mask': self._global(local['mask'], self._mask_sh)}
       with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-        out = self._eval_step(params, batch, self.lpips_params)
-      total = out if total is None else jax.tree_util.tree_map(jnp.add, total, out)
-    total = jax.device_get(total)
+        return self._eval_step(params, batch, self.lpips_params)
+
+    total = metrics_lib.sum_over_batches(it, step, max_batches)
     hits = total.pop('hits')
     n = max(float(total.pop('count')), 1.0)
     res = {k: float(v) / n for k, v in total.items()}
