@@ -31,16 +31,23 @@ def _want_distributed(mode: str) -> bool:
               or env.get('MEGASCALE_COORDINATOR_ADDRESS'))
 
 
+def init_distributed(mode: str) -> None:
+  """jax.distributed.initialize() when `mode` (auto/on/off) asks for several processes."""
+  import jax
+  if not _want_distributed(mode):
+    return
+  env = os.environ
+  if env.get('JAX_COORDINATOR_ADDRESS') and env.get('JAX_NUM_PROCESSES') and env.get('JAX_PROCESS_ID'):
+    jax.distributed.initialize(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
+                               num_processes=int(env['JAX_NUM_PROCESSES']),
+                               process_id=int(env['JAX_PROCESS_ID']))
+  else:   # TPU pods and SLURM are detected by jax itself
+    jax.distributed.initialize()
+
+
 def run(args) -> int:
   import jax
-  if _want_distributed(args.distributed):
-    env = os.environ
-    if env.get('JAX_COORDINATOR_ADDRESS') and env.get('JAX_NUM_PROCESSES') and env.get('JAX_PROCESS_ID'):
-      jax.distributed.initialize(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
-                                 num_processes=int(env['JAX_NUM_PROCESSES']),
-                                 process_id=int(env['JAX_PROCESS_ID']))
-    else:   # TPU pods and SLURM are detected by jax itself
-      jax.distributed.initialize()
+  init_distributed(args.distributed)
   from var_jax.train.config_loader import load_config
   from var_jax.train.var_trainer import VARTrainer
   cfg = load_config(args.config, getattr(args, 'overrides', []))

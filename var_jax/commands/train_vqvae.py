@@ -24,9 +24,8 @@ def add_arguments(parser):
 
 def run(args) -> int:
   import jax
-  from var_jax.commands.train import _want_distributed
-  if _want_distributed(args.distributed):
-    jax.distributed.initialize()
+  from var_jax.commands.train import init_distributed
+  init_distributed(args.distributed)
   from var_jax.train.config_loader import load_config
   from var_jax.train.vqvae_trainer import VQVAETrainer
   cfg = load_config(args.config, getattr(args, 'overrides', []))

@@ -283,6 +283,16 @@ def make_pipeline(source, *, global_batch_size: int, image_size: int, train: boo
   return ImagePipeline(it_ds, counter, load, lb, steps_per_epoch, n_batches)
 
 
+def make_train_pipeline(source, data_cfg, *, global_batch_size: int, image_size: int,
+                        seed: int) -> ImagePipeline:
+  """The training stream of `source` with the options of `data_cfg` (uint8 images)."""
+  d = data_cfg
+  return make_pipeline(source, global_batch_size=global_batch_size, image_size=image_size,
+                       train=True, seed=seed, mid_reso=d.mid_reso, hflip=d.hflip,
+                       num_threads=d.num_threads, prefetch=d.prefetch, worker_count=d.worker_count,
+                       normalize=False)
+
+
 def make_eval_pipeline(data_cfg, *, global_batch_size: int, image_size: int) -> ImagePipeline:
   """The eval split of `data_cfg` (centre crops, uint8, padded batches with a 'mask')."""
   source = make_source(data_cfg, 'eval', image_size)

@@ -149,12 +149,9 @@ class VQVAETrainer:
 
   # --- data -----------------------------------------------------------------------
   def make_train_iter(self):
-    d = self.cfg.data
-    return data_lib.make_pipeline(
-        self.train_source, global_batch_size=self.global_batch, image_size=self.image_size,
-        train=True, seed=self.cfg.seed, mid_reso=d.mid_reso, hflip=d.hflip,
-        num_threads=d.num_threads, prefetch=d.prefetch, worker_count=d.worker_count,
-        normalize=False)
+    return data_lib.make_train_pipeline(self.train_source, self.cfg.data, seed=self.cfg.seed,
+                                        global_batch_size=self.global_batch,
+                                        image_size=self.image_size)
 
   def _global(self, arr, sh):
     return jax.make_array_from_process_local_data(sh, arr)
