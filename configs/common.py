@@ -9,6 +9,8 @@ The tokenizer-training configs may reuse `mesh_section`, `data_section`, `run_se
 """
 import ml_collections
 
+from var_jax.train.config_loader import set_value
+
 PN_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PN_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 
@@ -52,11 +54,7 @@ def run_section(**kw):
 def apply_overrides(c, over):
   """Sets dotted keys ('optim.tblr': 8e-5) of a ConfigDict; returns it."""
   for k, v in over.items():
-    *parents, leaf = k.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
+    set_value(c, k, v)
   return c
 
 

@@ -13,7 +13,7 @@ from flax import linen as nn
 from conftest import FIXTURES, ROOT
 from var_jax.eval import metrics as M
 from var_jax.train import losses as Ls
-from var_jax.train.config_loader import load_config
+from var_jax.train.config_loader import load_config, set_value
 
 
 # --- metrics --------------------------------------------------------------------------
@@ -163,12 +163,7 @@ def _tiny_config(**kw):
           'run.eval_every': 4, 'run.eval_batches': 1, 'run.async_checkpoint': False}
   over.update(kw)
   for k, v in over.items():
-    *parents, leaf = k.split('.')
-    node = cfg
-    for p in parents:
-      node = node[p]
-    with node.ignore_type():
-      node[leaf] = v
+    set_value(cfg, k, v, ignore_type=True)
   return cfg
 
 

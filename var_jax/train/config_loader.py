@@ -49,16 +49,25 @@ def parse_override(cfg: ml_collections.ConfigDict, flag: str) -> tuple:
   return key, _coerce(key, old, raw)
 
 
+def set_value(cfg: ml_collections.ConfigDict, key: str, value: Any, *,
+              ignore_type: bool = False) -> None:
+  """cfg['a.b.c'] = value for a dotted key (type-checked unless ignore_type)."""
+  *parents, leaf = key.split('.')
+  node = cfg
+  for p in parents:
+    node = node[p]
+  if ignore_type:
+    with node.ignore_type():
+      node[leaf] = value
+  else:
+    node[leaf] = value
+
+
 def apply_overrides(cfg: ml_collections.ConfigDict, flags: Iterable[str]) -> ml_collections.ConfigDict:
   """Applies overrides in order to a (locked) ConfigDict, in place; returns it."""
   for flag in flags or ():
-    key, value = parse_override(cfg, flag)
-    *parents, leaf = key.split('.')
-    node = cfg
-    for p in parents:
-      node = node[p]
-    with node.ignore_type():
-      node[leaf] = value
+    key, value = parse_override(cfg, flag)   # already coerced to the field's type
+    set_value(cfg, key, value, ignore_type=True)
   return cfg
 
 
