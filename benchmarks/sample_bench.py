@@ -31,7 +31,7 @@ from flax import linen as nn
 
 from var_jax import sampler
 from var_jax.config import ModelConfig, VARConfig, VQVAEConfig
-from var_jax.models.var import KVCache, dummy_inputs
+from var_jax.transformer.model import KVCache, dummy_inputs
 from var_jax.tokenizer.vqvae import VQVAE
 
 # Dense peak TFLOP/s by (device kind substring, compute dtype).

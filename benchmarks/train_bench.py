@@ -30,7 +30,7 @@ def main(argv=None) -> int:
   args, overrides = ap.parse_known_args(argv)
 
   from flax import linen as nn
-  from var_jax.train.config_loader import load_config
+  from var_jax.config_loader import load_config
   from var_jax.train.var_trainer import VARTrainer
   cfg = load_config(args.config, overrides)
   with tempfile.TemporaryDirectory() as tmp:

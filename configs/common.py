@@ -9,7 +9,7 @@ The tokenizer-training configs may reuse `mesh_section`, `data_section`, `run_se
 """
 import ml_collections
 
-from var_jax.train.config_loader import set_value
+from var_jax.config_loader import set_value
 
 PN_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PN_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)

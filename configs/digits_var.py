@@ -14,7 +14,7 @@ Expected result: README.md ("The embedded digits model") (classifier accuracy of
 """
 import os
 
-from var_jax.train.config_loader import import_sibling
+from var_jax.config_loader import import_sibling
 
 common = import_sibling(__file__, 'common')
 ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'var_jax', 'assets', 'digits')

@@ -11,7 +11,7 @@ dead-code restarts during the first two thirds. Data: 1500 train digits (fixed s
 var_jax.data.digits), no flips (digits are not mirror-symmetric).
 Expected result: README.md ("The embedded digits model") (held-out PSNR, codebook usage).
 """
-from var_jax.train.config_loader import import_sibling
+from var_jax.config_loader import import_sibling
 
 vq = import_sibling(__file__, 'vqvae_common')
 

@@ -11,7 +11,7 @@ on A100 nodes in fp16; this port uses bf16 compute with f32 master weights.
 Expected result (reference model zoo, 50k samples, cfg 1.5): FID 2.33, about 1.0B params.
 The frozen tokenizer is the released vae_ch160v4096z32.pth (config.vae.checkpoint).
 """
-from var_jax.train.config_loader import import_sibling
+from var_jax.config_loader import import_sibling
 
 common = import_sibling(__file__, 'common')
 

@@ -11,7 +11,7 @@ functions of the images, which the model learns to predict).
 Model: patch_nums (1,2,3,4) -> 64 px, VQVAE vocab 64, Cvae 8, ch 32 (smaller encoder);
 VAR depth 2, width 64, 2 heads, 10 classes. f32 compute (CPU).
 """
-from var_jax.train.config_loader import import_sibling
+from var_jax.config_loader import import_sibling
 
 common = import_sibling(__file__, 'common')
 

@@ -8,7 +8,7 @@ opt-in (loss.lpips > 0 with loss.lpips_weights, loss.disc > 0).
 """
 import ml_collections
 
-from var_jax.train.config_loader import import_sibling
+from var_jax.config_loader import import_sibling
 
 common = import_sibling(__file__, 'common')
 

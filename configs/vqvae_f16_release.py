@@ -11,7 +11,7 @@ VQGAN one: L1 + LPIPS + VQ, a PatchGAN with hinge loss and adaptive weight from 
 50k, Adam(0.5, 0.9), EMA 0.9999, dead-code restarts during the first half.
 Expected result: unmeasured.
 """
-from var_jax.train.config_loader import import_sibling
+from var_jax.config_loader import import_sibling
 
 vq = import_sibling(__file__, 'vqvae_common')
 

@@ -9,7 +9,7 @@ Model: f4 (ch_mult (1,1,2)), ch 32, vocab 64, Cvae 8, patch_nums (1,2,4,8) -> 32
 Expected result: eval/psnr rises above ~15 dB; usage logged per scale.
 `get_config('folder')` gives the same model on an ImageNet-layout folder (data.path).
 """
-from var_jax.train.config_loader import import_sibling
+from var_jax.config_loader import import_sibling
 
 vq = import_sibling(__file__, 'vqvae_common')
 

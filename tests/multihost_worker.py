@@ -21,7 +21,7 @@ if nproc > 1:
 from flax import traverse_util  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from var_jax.train.config_loader import load_config  # noqa: E402
+from var_jax.config_loader import load_config  # noqa: E402
 from var_jax.train.var_trainer import VARTrainer  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

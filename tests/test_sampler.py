@@ -11,7 +11,7 @@ from flax import linen as nn
 from conftest import get_fixture
 from test_var import params_from_state_dict
 from var_jax import parallel, sampler
-from var_jax.models.var import VAR
+from var_jax.transformer.model import VAR
 from var_jax.tokenizer.vqvae import VQVAE
 
 

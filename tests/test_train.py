@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from var_jax.train import checkpointing, optim
-from var_jax.train.config_loader import load_config
+from var_jax.train import checkpoint_manager, optim
+from var_jax.config_loader import load_config
 from var_jax.train.var_trainer import VARTrainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -189,7 +189,7 @@ def test_resume_is_bit_identical_and_sigterm_saves(t8, tmp_path):
   part = t.train(workdir=str(tmp_path / 'resumed'))
   t.global_batch_arrays = orig
   assert part['status'] == 'preempted' and part['step'] == 3
-  assert checkpointing.CheckpointManager(str(tmp_path / 'resumed' / 'checkpoints')).latest_step() == 3
+  assert checkpoint_manager.CheckpointManager(str(tmp_path / 'resumed' / 'checkpoints')).latest_step() == 3
   rest = t.train(stop_after=6, workdir=str(tmp_path / 'resumed'))
   assert rest['status'] == 'done' and rest['step'] == 6
   assert tree_equal(params_full, jax.device_get(t.state.params))
@@ -198,14 +198,14 @@ def test_resume_is_bit_identical_and_sigterm_saves(t8, tmp_path):
 def test_unfinished_checkpoint_is_ignored(tmp_path):
   """A save killed midway leaves an orbax tmp dir: resume uses the last complete step."""
   d = str(tmp_path / 'ckpt')
-  m = checkpointing.CheckpointManager(d, keep=2, async_save=False)
+  m = checkpoint_manager.CheckpointManager(d, keep=2, async_save=False)
   state = {'w': jnp.arange(4.0), 'step': jnp.int32(2)}
   m.save(2, state, data_state={'next_index': 16}, force=True)
   m.close()
   partial = pathlib.Path(d) / '4.orbax-checkpoint-tmp-1700000000000000'
   (partial / 'state').mkdir(parents=True)
   (partial / 'state' / 'garbage').write_bytes(b'\0' * 10)
-  m = checkpointing.CheckpointManager(d, keep=2, async_save=False)
+  m = checkpoint_manager.CheckpointManager(d, keep=2, async_save=False)
   assert m.latest_step() == 2
   target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   got, data = m.restore(2, target)
@@ -223,7 +223,7 @@ def test_non_finite_loss(tmp_path, t8, policy):
     if policy == 'stop':
       with pytest.raises(FloatingPointError, match='non-finite'):
         t1.train(stop_after=3, workdir=str(tmp_path))
-      assert checkpointing.CheckpointManager(str(tmp_path / 'checkpoints')).latest_step() is None
+      assert checkpoint_manager.CheckpointManager(str(tmp_path / 'checkpoints')).latest_step() is None
     else:
       out = t1.train(stop_after=3, workdir=str(tmp_path))
       assert out['skipped_updates'] == 3

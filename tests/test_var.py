@@ -12,7 +12,7 @@ from flax import linen as nn
 from conftest import FIXTURES, get_fixture
 from var_jax.config import VARConfig
 from var_jax.convert import naming
-from var_jax.models.var import VAR, KVCache, block_causal_mask, dummy_inputs, init_params
+from var_jax.transformer.model import VAR, KVCache, block_causal_mask, dummy_inputs, init_params
 
 BUFFERS = ('lvl_1L', 'attn_bias_for_masking', 'zero_k_bias', 'ema_vocab_hit_SV')
 

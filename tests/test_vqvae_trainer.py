@@ -13,7 +13,7 @@ from flax import linen as nn
 from conftest import FIXTURES, ROOT
 from var_jax.eval import metrics as M
 from var_jax.train import losses as Ls
-from var_jax.train.config_loader import load_config, set_value
+from var_jax.config_loader import load_config, set_value
 
 
 # --- metrics --------------------------------------------------------------------------

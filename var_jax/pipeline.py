@@ -73,7 +73,7 @@ class Pipeline:
 
   @property
   def var(self):
-    from var_jax.models.var import VAR
+    from var_jax.transformer.model import VAR
     self._require_var()
     return VAR(self.config.var, vocab_size=self.config.vae.vocab_size,
                Cvae=self.config.vae.Cvae, dtype=self.dtype)

@@ -29,7 +29,7 @@ Design: the loop over the K scales is unrolled at trace time (each scale has its
 own static shape); within a scale the blocks run as one lax.scan over the block
 parameters, stacked once per program (`VAR.scan_blocks`; scan_blocks=False
 unrolls them, same numbers, much slower to compile). The KV cache
-(`models.var.KVCache`, one (depth, 2B, L, H, c) buffer for k and one for v) is
+(`transformer.model.KVCache`, one (depth, 2B, L, H, c) buffer for k and one for v) is
 allocated inside the program and written in place with dynamic_update_slice,
 so nothing is reallocated or sent to the host between scales. cfg and top_p are traced scalars (changing them does not recompile);
 top_k, whether top_p is used, more_smooth, dtype and the mesh are static. The
@@ -53,7 +53,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from var_jax import parallel
 from var_jax.config import ModelConfig
-from var_jax.models.var import VAR, KVCache, dummy_inputs, stack_blocks
+from var_jax.transformer.model import VAR, KVCache, dummy_inputs, stack_blocks
 from var_jax.tokenizer.vqvae import VQVAE
 
 BATCH_AXES = ('data', 'fsdp')

@@ -48,7 +48,7 @@ def init_distributed(mode: str) -> None:
 def run(args) -> int:
   import jax
   init_distributed(args.distributed)
-  from var_jax.train.config_loader import load_config
+  from var_jax.config_loader import load_config
   from var_jax.train.var_trainer import VARTrainer
   cfg = load_config(args.config, getattr(args, 'overrides', []))
   summary = VARTrainer(cfg, args.workdir).train(stop_after=args.stop_after)

@@ -26,7 +26,7 @@ def run(args) -> int:
   import jax
   from var_jax.commands.train import init_distributed
   init_distributed(args.distributed)
-  from var_jax.train.config_loader import load_config
+  from var_jax.config_loader import load_config
   from var_jax.train.vqvae_trainer import VQVAETrainer
   cfg = load_config(args.config, getattr(args, 'overrides', []))
   summary = VQVAETrainer(cfg, args.workdir).train(stop_after=args.stop_after)

@@ -246,7 +246,7 @@ def abstract_params(config, *, what: str):
   else:
     if config.var is None:
       raise ValueError('the config has no VAR section')
-    from var_jax.models.var import VAR as Module
+    from var_jax.transformer.model import VAR as Module
     model = Module(config.var, vocab_size=config.vae.vocab_size, Cvae=config.vae.Cvae)
     args = (jnp.zeros((1,), jnp.int32),
             jnp.zeros((1, config.var.L - config.var.first_l, config.vae.Cvae), jnp.float32))

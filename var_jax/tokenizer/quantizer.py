@@ -19,7 +19,7 @@ from flax import linen as nn
 
 from var_jax.config import VQVAEConfig
 from var_jax.ops.resize import area_resize, bicubic_resize
-from var_jax.tokenizer.layers import conv
+from var_jax.tokenizer.autoencoder import conv
 
 _F32 = jnp.float32
 _HIGHEST = jax.lax.Precision.HIGHEST

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from var_jax.config import VQVAEConfig
-from var_jax.tokenizer.layers import Decoder, Encoder, conv
+from var_jax.tokenizer.autoencoder import Decoder, Encoder, conv
 from var_jax.tokenizer.quantizer import MultiScaleQuantizer
 
 _F32 = jnp.float32

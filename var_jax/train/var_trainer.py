@@ -3,7 +3,7 @@
     trainer = VARTrainer(load_config('configs/var_tiny.py'), workdir='/tmp/run')
     summary = trainer.train()          # resumes from workdir/checkpoints if present
 
-The step (var_jax.train.step) is jit-compiled once with explicit in/out shardings:
+The step (var_jax.train.var_step) is jit-compiled once with explicit in/out shardings:
 params and optimizer moments by the logical-axis rules (data / fsdp / tensor mesh
 axes), batches split over (data, fsdp), the tokenizer's params replicated. Every
 process runs the same loop on its slice of each global batch (var_jax.data.images).
@@ -26,8 +26,8 @@ from flax import linen as nn
 from var_jax import parallel
 from var_jax.config import ModelConfig, VARConfig, VQVAEConfig
 from var_jax.data import images as data_lib
-from var_jax.train import checkpointing, metrics as metrics_lib, optim, preemption
-from var_jax.train import state as state_lib, step as step_lib
+from var_jax.train import checkpoint_manager, optim, preemption, writer as metrics_lib
+from var_jax.train import state as state_lib, var_step as step_lib
 
 log = logging.getLogger('var_jax.train')
 
@@ -85,7 +85,7 @@ class VARTrainer:
   """Builds everything from a config; `train()` runs (and resumes) the loop."""
 
   def __init__(self, config, workdir: str, devices=None):
-    from var_jax.models.var import VAR
+    from var_jax.transformer.model import VAR
     from var_jax.tokenizer.vqvae import VQVAE
     self.cfg, self.workdir = config, os.path.abspath(workdir)
     os.makedirs(self.workdir, exist_ok=True)
@@ -225,7 +225,7 @@ class VARTrainer:
       self.workdir = os.path.abspath(workdir)
       os.makedirs(self.workdir, exist_ok=True)
     writer = metrics_lib.Writer(self.workdir)
-    mngr = checkpointing.CheckpointManager(os.path.join(self.workdir, 'checkpoints'), keep=run.keep,
+    mngr = checkpoint_manager.CheckpointManager(os.path.join(self.workdir, 'checkpoints'), keep=run.keep,
                                            save_every=run.save_every, async_save=run.async_checkpoint)
     it = self.make_train_iter()
     start = mngr.latest_step()

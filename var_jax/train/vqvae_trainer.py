@@ -29,7 +29,7 @@ from var_jax import parallel
 from var_jax.config import ModelConfig
 from var_jax.data import images as data_lib
 from var_jax.eval import metrics as eval_lib
-from var_jax.train import checkpointing, losses, metrics as metrics_lib, optim, preemption
+from var_jax.train import checkpoint_manager, losses, optim, preemption, writer as metrics_lib
 from var_jax.train import vqvae_step as vs
 from var_jax.train.state import TrainState, abstract_with_shardings, count_params, to_host
 
@@ -183,7 +183,7 @@ class VQVAETrainer:
     c, run = self.cfg, self.cfg.run
     os.makedirs(self.workdir, exist_ok=True)
     writer = metrics_lib.Writer(self.workdir)
-    mngr = checkpointing.CheckpointManager(os.path.join(self.workdir, 'checkpoints'), keep=run.keep,
+    mngr = checkpoint_manager.CheckpointManager(os.path.join(self.workdir, 'checkpoints'), keep=run.keep,
                                            save_every=run.save_every, async_save=run.async_checkpoint)
     it = self.make_train_iter()
     start = mngr.latest_step()

@@ -1,7 +1,7 @@
 """The VAR transformer: next-scale prediction over a multi-scale token pyramid.
 
 Reference: models/var.py (VAR) with the blocks of models/basic_var.py (see
-layers.py). Two entry points share one set of parameters:
+blocks.py). Two entry points share one set of parameters:
 
   * `VAR.__call__(labels_B, x_BLCv_wo_first_l, train=False)`: teacher forcing
     over all L tokens with the block-causal mask (a token sees its own scale and
@@ -41,7 +41,7 @@ import numpy as np
 from flax import linen as nn
 
 from var_jax.config import VARConfig
-from var_jax.models.layers import (AdaLNBeforeHead, AdaLNSelfAttn, dense, param_with_axes,
+from var_jax.transformer.blocks import (AdaLNBeforeHead, AdaLNSelfAttn, dense, param_with_axes,
                                    trunc_normal)
 
 Dtype = Any
