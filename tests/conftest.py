@@ -3,8 +3,14 @@ import json
 import os
 import pathlib
 
-# Eight fake CPU devices for the sharding tests; must be set before jax starts.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# The tests run on the CPU with eight fake devices (the sharding tests need them), whatever
+# the host has: set before jax starts, appended to any XLA_FLAGS the caller already set.
+# VAR_JAX_TEST_PLATFORM=cuda (or tpu) runs them on an accelerator instead.
+NUM_CPU_DEVICES = 8
+os.environ['JAX_PLATFORMS'] = os.environ.get('VAR_JAX_TEST_PLATFORM', 'cpu')
+_flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+          if not f.startswith('--xla_force_host_platform_device_count')]
+os.environ['XLA_FLAGS'] = ' '.join(_flags + [f'--xla_force_host_platform_device_count={NUM_CPU_DEVICES}'])
 
 import numpy as np
 import pytest

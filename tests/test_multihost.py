@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 WORKER = pathlib.Path(__file__).resolve().parent / 'multihost_worker.py'
 
@@ -25,6 +26,7 @@ def _start(nproc, tmp_path, tag):
           for i in range(nproc)]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   procs = _start(1, tmp_path, 'one') + _start(2, tmp_path, 'two')   # all three at once
   logs = []

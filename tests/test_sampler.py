@@ -86,12 +86,11 @@ def test_scan_and_unrolled_blocks_sample_alike():
 
 def test_one_device_and_eight_devices_agree():
   """Stochastic top-k/top-p (+ more_smooth): same seed, same tokens and images."""
-  assert len(jax.devices()) == 8
   fx, vae_p, var_p = loaded('tiny4')
   labels = np.arange(8) % fx.config.var.num_classes
   kw = dict(cfg=1.5, top_k=20, top_p=0.8, seed=7, more_smooth=True)
   one = sampler.sample(fx.config, vae_p, var_p, labels, **kw)
-  mesh = parallel.make_mesh(data=8)
+  mesh = parallel.make_mesh(data=8, devices=jax.devices()[:8])
   eight = sampler.sample(fx.config, vae_p, var_p, labels, mesh=mesh, **kw)
   assert eight[0].sharding.shard_shape(eight[0].shape)[0] == 1   # split over 8 devices
   for a, b in zip(one[1], eight[1]):

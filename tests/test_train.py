@@ -118,6 +118,7 @@ def _one_step(trainer, local_batch):
   return new_state, jax.device_get(metrics)
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device(t8, tmp_path):
   t1 = VARTrainer(tiny_config(*SHARED, '--config.mesh.data=1'), str(tmp_path), devices=jax.devices()[:1])
   local = next(t1.make_train_iter())

@@ -191,6 +191,7 @@ def test_reference_init_statistics():
   assert specs['blocks_0']['ffn']['fc1']['kernel'] == jax.sharding.PartitionSpec('embed', 'mlp')
 
 
+@pytest.mark.slow
 def test_scan_and_unrolled_blocks_agree():
   """lax.scan over stacked blocks == unrolled blocks: logits, gradients (also with
   remat) and the KV cache of a decoded scale (tiny10, depth 2)."""

@@ -173,6 +173,7 @@ def trainer(tmp_path_factory):
   return VQVAETrainer(_tiny_config(), str(tmp_path_factory.mktemp('vq') / 'a'))
 
 
+@pytest.mark.slow
 def test_trainer_resume_is_exact_and_exports(trainer, tmp_path):
   import var_jax
   # 4 steps straight (discriminator from the start: one compiled step; EMA on) vs. 2 + resume 2
@@ -228,11 +229,11 @@ def test_restart_dead_codes(trainer):
   assert float(np.min(np.asarray(new.hits_SV)[:, dead])) >= trainer.cfg.codebook.restart_threshold
 
 
-def test_lpips_missing_file_turns_it_off(capsys):
+def test_lpips_missing_file_turns_it_off(capsys, tmp_path):
   from var_jax.train.vqvae_trainer import VQVAETrainer
   cfg = _tiny_config(**{'loss.lpips': 1.0, 'loss.lpips_weights': '/nonexistent/vgg.pth',
                         'loss.disc': 0.0})
-  t = VQVAETrainer(cfg, '/tmp/unused')
+  t = VQVAETrainer(cfg, str(tmp_path))
   assert not t.use_lpips
   assert 'perceptual loss OFF' in capsys.readouterr().out
 
