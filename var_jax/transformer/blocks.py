@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from var_jax.transformer import attention as attention_lib
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 KV = Tuple[jax.Array, jax.Array]
@@ -98,32 +100,6 @@ def drop_path(module: nn.Module, x_BLC: jax.Array, rate, deterministic: bool) ->
   return jnp.where(mask, x_BLC / keep, 0).astype(x_BLC.dtype)
 
 
-def attention(q_BqHc: jax.Array, k_BkHc: jax.Array, v_BkHc: jax.Array, *, scale: float,
-              mask_qk: Optional[np.ndarray] = None, precision=None,
-              dropout: Optional[Callable[[jax.Array], jax.Array]] = None,
-              implementation: Optional[str] = 'exact') -> jax.Array:
-  """softmax(scale * q k^T [masked]) v over heads; returns (B, q, H, c).
-
-  implementation 'exact': explicit einsums at `precision` with a float32 softmax
-  (what float32 parity needs, and what attention dropout needs). Otherwise the
-  value is passed to jax.nn.dot_product_attention (None lets it pick, e.g. cuDNN).
-  """
-  if implementation != 'exact' and dropout is None:
-    mask = None if mask_qk is None else jnp.asarray(mask_qk)[None, None]
-    return jax.nn.dot_product_attention(q_BqHc, k_BkHc, v_BkHc, mask=mask, scale=scale,
-                                        implementation=implementation)
-  logits_BHqk = jnp.einsum('bqhc,bkhc->bhqk', q_BqHc, k_BkHc, precision=precision,
-                           preferred_element_type=jnp.float32) * scale
-  if mask_qk is not None:
-    logits_BHqk = jnp.where(jnp.asarray(mask_qk), logits_BHqk, -jnp.inf)
-  probs_BHqk = jax.nn.softmax(logits_BHqk, axis=-1)
-  if dropout is not None:
-    probs_BHqk = dropout(probs_BHqk)
-  out = jnp.einsum('bhqk,bkhc->bqhc', probs_BHqk.astype(v_BkHc.dtype), v_BkHc, precision=precision,
-                   preferred_element_type=jnp.float32)
-  return out.astype(v_BkHc.dtype)
-
-
 def _cache_write_read(kv: KV, k_BlHc: jax.Array, v_BlHc: jax.Array, begin: int, layer=None):
   """Write this scale's keys/values at position `begin` of the cache and read the
   prefix [0, begin + l) back. layer=None: per-block (B, L, H, c) cache; else a
@@ -167,7 +143,7 @@ class SelfAttention(nn.Module):
   proj_drop: float = 0.0
   proj_std: float = 0.02
   init_std: float = 0.02
-  implementation: Optional[str] = 'exact'
+  attention: str = 'xla'            # a resolved name, see var_jax.transformer.attention
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: Any = None
@@ -199,8 +175,9 @@ class SelfAttention(nn.Module):
     drop = None
     if self.attn_drop > 0 and not deterministic:
       drop = nn.Dropout(self.attn_drop, deterministic=False)
-    out = attention(q, k, v, scale=self.scale, mask_qk=mask_LL, precision=self.precision,
-                    dropout=drop, implementation=self.implementation).reshape(B, L, C)
+    out = attention_lib.attention(q, k, v, scale=self.scale, mask_qk=mask_LL,
+                                  precision=self.precision, dropout=drop,
+                                  implementation=self.attention).reshape(B, L, C)
     out = dense(C, ('heads', 'embed'), 'proj', kernel_init=trunc_normal(self.proj_std),
                 dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)(out)
     if self.proj_drop > 0:
@@ -252,7 +229,7 @@ class AdaLNSelfAttn(nn.Module):
   init_std: float = 0.02
   init_adaln: float = 0.5
   init_adaln_gamma: float = 1e-5
-  implementation: Optional[str] = 'exact'
+  attention: str = 'xla'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: Any = None
@@ -263,7 +240,7 @@ class AdaLNSelfAttn(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
     self.attn = SelfAttention(C, self.num_heads, self.l2_norm, self.attn_scale, self.max_scale_mul,
                               attn_drop=self.attn_drop, proj_drop=self.drop, proj_std=out_std,
-                              init_std=self.init_std, implementation=self.implementation, **kw)
+                              init_std=self.init_std, attention=self.attention, **kw)
     self.ffn = FFN(self.mlp_hidden, drop=self.drop, init_std=self.init_std, fc2_std=out_std, **kw)
     if self.shared_aln:
       def gss_init(key, shape, dtype=jnp.float32):

@@ -20,7 +20,7 @@ blocks_0..blocks_{depth-1}, so converters and checkpoints do not change). Each
 step applies one `AdaLNSelfAttn` with its own parameters; the drop-path rate is
 scanned as data and each block gets its own dropout key. This compiles the block
 once instead of `depth` times (per scale when sampling). `scan_blocks=False`
-unrolls the loop (same numbers). `remat=True` recomputes each scanned block's
+unrolls the loop (same numbers). `remat='block'` (or a checkpoint policy) recomputes each scanned block's
 activations in the backward pass (jax.checkpoint) to save memory.
 
 Inputs and the head run in float32 (the reference disables autocast there and
@@ -41,6 +41,7 @@ import numpy as np
 from flax import linen as nn
 
 from var_jax.config import VARConfig
+from var_jax.transformer import attention as attention_lib
 from var_jax.transformer.blocks import (AdaLNBeforeHead, AdaLNSelfAttn, dense, param_with_axes,
                                    trunc_normal)
 
@@ -85,6 +86,24 @@ def drop_path_rates(config: VARConfig) -> Tuple[float, ...]:
   return tuple(float(r) for r in np.linspace(0, config.drop_path_rate, config.depth, dtype=np.float32))
 
 
+REMAT_NAMES = ('none', 'block', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
+               'checkpoint_dots', 'checkpoint_dots_with_no_batch_dims', 'nothing_saveable',
+               'everything_saveable')
+
+
+def remat_policy(name: Any):
+  """(use_remat, policy) for `VAR.remat`: 'none'; 'block' (keep only each block's input,
+  recompute the rest in the backward pass); or a jax.checkpoint_policies name such as
+  'dots_saveable' (keep matmul outputs, recompute the elementwise work). True/False are
+  accepted for 'block'/'none'."""
+  name = {True: 'block', False: 'none', None: 'none'}.get(name, name)
+  if name not in REMAT_NAMES:
+    raise ValueError(f'remat must be one of {REMAT_NAMES}, got {name!r}')
+  if name == 'none':
+    return False, None
+  return True, (None if name == 'block' else getattr(jax.checkpoint_policies, name))
+
+
 def stack_blocks(params, depth: int):
   """The per-block subtrees params['blocks_0'..] stacked along a new leading
   depth axis (the scanned layout; a copy made inside the traced function)."""
@@ -98,13 +117,13 @@ class VAR(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   precision: Any = None               # None: HIGHEST for float32 compute, default otherwise
-  attention_impl: Optional[str] = 'auto'   # 'exact' einsums, or jax.nn.dot_product_attention's
+  attention: str = 'auto'            # auto | xla | cudnn | splash (var_jax.transformer.attention)
   init_std: float = -1.0              # < 0: sqrt(1 / C / 3) like the reference
   init_adaln: float = 0.5
   init_adaln_gamma: float = 1e-5
   init_head: float = 0.02
   scan_blocks: bool = True            # lax.scan over stacked blocks (False: unrolled loop)
-  remat: bool = False                 # scan path: recompute block activations in backward
+  remat: Any = 'none'                 # none | block | a jax.checkpoint_policies name (see remat_policy)
 
   @property
   def _precision(self):
@@ -113,10 +132,8 @@ class VAR(nn.Module):
     return jax.lax.Precision.HIGHEST if jnp.dtype(self.dtype) == jnp.float32 else None
 
   @property
-  def _attention_impl(self):
-    if self.attention_impl != 'auto':
-      return self.attention_impl
-    return 'exact' if jnp.dtype(self.dtype) == jnp.float32 else None
+  def _attention(self) -> str:
+    return attention_lib.resolve(self.attention, self.dtype)
 
   def setup(self):
     cfg, C = self.config, self.config.embed_dim
@@ -150,7 +167,7 @@ class VAR(nn.Module):
         shared_aln=cfg.shared_aln, l2_norm=cfg.attn_l2_norm, attn_scale=cfg.attn_scale,
         max_scale_mul=cfg.max_scale_mul, drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate,
         depth=cfg.depth, init_std=std, init_adaln=self.init_adaln,
-        init_adaln_gamma=self.init_adaln_gamma, implementation=self._attention_impl,
+        init_adaln_gamma=self.init_adaln_gamma, attention=self._attention,
         dtype=self.dtype, param_dtype=self.param_dtype, precision=self._precision)
 
   def _use_scan(self) -> bool:
@@ -158,7 +175,7 @@ class VAR(nn.Module):
     return self.scan_blocks and not self.is_initializing()
 
   def _scan_blocks(self, x_BLC, ada, *, stacked=None, mask_LL=None, cache=None, begin=0,
-                   train=False, remat=False):
+                   train=False, remat='none'):
     """All blocks as one lax.scan over stacked parameters -> (x_BLC, cache or None).
 
     The carry is (x, cache k, cache v): the (depth, ...) cache buffers are
@@ -182,8 +199,9 @@ class VAR(nn.Module):
                          layer=None if kv is None else i, deterministic=not train,
                          drop_path_rate=rate, rngs=None if key is None else {'dropout': key})
 
-    if remat:
-      step = jax.checkpoint(step, prevent_cse=False)
+    use_remat, policy = remat_policy(remat)
+    if use_remat:
+      step = jax.checkpoint(step, prevent_cse=False, policy=policy)
 
     def body(carry, xs):
       x, kv = carry
