@@ -158,7 +158,8 @@ def load_pth_object(path: str | os.PathLike) -> Any:
     if head[257:262] == b'ustar':
       raise CheckpointError("torch's pre-2018 tar format is not supported; re-save the "
                             'weights with a current torch')
-    raise CheckpointError('not a torch checkpoint (neither a zip archive nor a legacy pickle)')
+    raise CheckpointError('not a readable torch zip or legacy checkpoint (it starts with '
+                          'neither a zip header nor a pickle)')
   except CheckpointError as e:
     raise CheckpointError(f'{path}: {e}') from None
 
