@@ -7,6 +7,8 @@ The golden features (tests/data/inception_golden.npz) were computed once by pyto
 PyTorch environment. Measured agreement: max |diff| 2.6e-6 (pool3), 2.4e-6 (logits),
 1.1e-5 (spatial) for features of magnitude ~1; between two different images pool3
 differs by >= 0.15, and an antialiased resize (jax.image.resize) would be off by 0.03.
+These tests also pass on an H100 (VAR_JAX_TEST_PLATFORM=cuda): Precision.HIGHEST keeps
+TF32 out of the float32 convolutions.
 """
 import json
 import pathlib
@@ -160,11 +162,11 @@ def test_fingerprint_tells_weights_and_dtype_apart(shapes):
   assert len({fp(v0, np.float32), fp(v1, np.float32), fp(v0, jax.numpy.bfloat16)}) == 3
 
 
-@pytest.mark.slow
 def test_bfloat16_features_are_close(weights_file, golden):
+  """bfloat16 compute: measured max |diff| 0.015 on pool3 values up to 3.6 (float32: 3e-6)."""
   net = inception.load(weights_file, dtype=jax.numpy.bfloat16,
                        mesh=parallel.make_mesh(devices=jax.devices()[:2]))
   out = net(golden['images_299x299'])
   assert out['pool3'].dtype == np.float32
   err = np.abs(out['pool3'] - golden['pool3_299x299']).max()
-  assert err < 0.1 * np.abs(golden['pool3_299x299']).max(), err
+  assert 1e-4 < err < 0.05, err  # really computed in bf16, and still close

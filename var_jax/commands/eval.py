@@ -69,10 +69,9 @@ def _run(args) -> int:
     NpzImages(path).close()
   import jax.numpy as jnp
   net = inception.load(args.inception, dtype=jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32)
-  if args.no_cache:
-    cache_dir = None
-  else:
-    cache_dir = os.path.dirname(os.path.abspath(args.out or args.samples))
+  cache_dir = None if args.no_cache else os.path.dirname(os.path.abspath(args.out or args.samples))
+  if cache_dir:
+    os.makedirs(cache_dir, exist_ok=True)
   metrics = ev.evaluate(net, args.samples, args.ref, cache_dir=cache_dir, ref_stats=args.ref_stats,
                         batch_size=args.batch_size, progress=not args.no_progress,
                         sqrtm=args.sqrtm)

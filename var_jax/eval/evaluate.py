@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from var_jax.eval import inception, metrics
+from var_jax.eval import metrics
 from var_jax.eval.npz import NpzImages, extra_arrays
 
 CACHE_MARK = 'var-jax reference statistics v1'
@@ -143,18 +143,14 @@ def _fd(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray], suffix: str = '',
                                   b['mu' + suffix], b['sigma' + suffix], sqrtm=sqrtm)
 
 
-def _stored_statistics(ref_path, dims: Dict[str, int]) -> Dict[str, np.ndarray]:
-  """The reference file's precomputed mu/sigma/mu_s/sigma_s; {} if it has none. Raises
-  ValueError when they are there but do not have the shapes of this network's features."""
-  stored = extra_arrays(ref_path, STAT_KEYS)
-  if len(stored) < len(STAT_KEYS):
-    return {}
-  for suffix, d in (('', dims['pool3']), ('_s', dims['spatial'])):
+def _check_stored(stored: Dict[str, np.ndarray], ref: Dict[str, np.ndarray], ref_path) -> None:
+  """Raises ValueError when the stored statistics do not have this network's dimensions."""
+  for suffix in ('', '_s'):
+    d = ref['mu' + suffix].shape[0]
     mu, sigma = stored['mu' + suffix], stored['sigma' + suffix]
     if mu.shape != (d,) or sigma.shape != (d, d):
       raise ValueError(f'{ref_path}: stored mu{suffix} {mu.shape} / sigma{suffix} {sigma.shape} '
-                       f'do not fit {d}-dimensional features')
-  return stored
+                       f'do not fit these {d}-dimensional features')
 
 
 def evaluate(net, samples_path, ref_path, *, cache_dir=None, ref_stats: str = 'recompute',
@@ -173,24 +169,26 @@ def evaluate(net, samples_path, ref_path, *, cache_dir=None, ref_stats: str = 'r
     if n <= k:
       raise ValueError(f'the {name} batch has {n} images; FID and precision/recall need more '
                        f'than k={k}')
-  dims = {'pool3': inception.POOL3_DIM, 'spatial': inception.SPATIAL_DIM}
-  try:
-    stored = _stored_statistics(ref_path, dims)
-  except ValueError as e:
-    if ref_stats == 'stored':
-      raise
-    log(f'note: stored statistics not compared: {e}')
-    stored = {}
+  stored = extra_arrays(ref_path, STAT_KEYS)
+  stored = stored if len(stored) == len(STAT_KEYS) else {}
   if ref_stats == 'stored' and not stored:
     raise ValueError(f'{ref_path} holds no precomputed {"/".join(STAT_KEYS)}; '
                      'use the recomputed reference statistics')
-  if min(n_samples, n_ref) <= dims['pool3']:
-    log(f'note: with {min(n_samples, n_ref)} images the {dims["pool3"]}-dimensional covariances '
-        'are singular; FID is then strongly biased (papers use 50,000 samples)')
   ref = reference_features(net, ref_path, cache_dir=cache_dir, batch_size=batch_size,
                            progress=progress, log=log)
+  if stored:
+    try:
+      _check_stored(stored, ref, ref_path)
+    except ValueError as e:
+      if ref_stats == 'stored':
+        raise
+      log(f'note: stored statistics not compared: {e}')
+      stored = {}
   with NpzImages(samples_path) as images:
     feats = compute_features(net, images, batch_size, 'inception (samples)', progress)
+  if min(n_samples, n_ref) <= ref['mu'].shape[0]:
+    log(f'note: with {min(n_samples, n_ref)} images the {ref["mu"].shape[0]}-dimensional '
+        'covariances are singular; FID is then strongly biased (papers use 50,000 samples)')
   mu, sigma = metrics.feature_statistics(feats['pool3'])
   mu_s, sigma_s = metrics.feature_statistics(feats['spatial'])
   sample = {'mu': mu, 'sigma': sigma, 'mu_s': mu_s, 'sigma_s': sigma_s}

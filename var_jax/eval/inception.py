@@ -242,10 +242,12 @@ def _torch_key(path: Tuple[str, ...]) -> str:
   return '.'.join(path[1:-1] + (_TORCH_LEAF[(path[0], path[-1])],))
 
 
-def _to_torch_layout(value: np.ndarray, path: Tuple[str, ...]) -> np.ndarray:
+def _torch_shape(shape: Tuple[int, ...], path: Tuple[str, ...]) -> Tuple[int, ...]:
   if path[-1] != 'kernel':
-    return value
-  return value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    return tuple(shape)
+  if len(shape) == 2:
+    return tuple(shape[::-1])                       # (in, out) -> (out, in)
+  return (shape[3], shape[2], shape[0], shape[1])   # HWIO -> OIHW
 
 
 def _from_torch_layout(value: np.ndarray, path: Tuple[str, ...]) -> np.ndarray:
@@ -264,11 +266,7 @@ def _abstract_variables():
 def expected_shapes() -> Dict[str, Tuple[int, ...]]:
   """{torch state-dict key: shape} of the FID Inception weights (num_batches_tracked aside)."""
   flat = traverse_util.flatten_dict(_abstract_variables())
-  out = {}
-  for path, leaf in flat.items():
-    shape = _to_torch_layout(np.empty(leaf.shape, np.uint8), path).shape
-    out[_torch_key(path)] = tuple(shape)
-  return out
+  return {_torch_key(path): _torch_shape(leaf.shape, path) for path, leaf in flat.items()}
 
 
 def variables_from_state_dict(sd: Mapping[str, np.ndarray], source: str = 'state dict'
@@ -290,7 +288,7 @@ def variables_from_state_dict(sd: Mapping[str, np.ndarray], source: str = 'state
   out = {}
   for key, path in want.items():
     value = np.asarray(sd[key])
-    shape = _to_torch_layout(np.empty(flat[path].shape, np.uint8), path).shape
+    shape = _torch_shape(flat[path].shape, path)
     if value.shape != shape:
       raise CheckpointError(f'{source}: {key!r} has shape {tuple(value.shape)}, expected '
                             f'{tuple(shape)}; {hint}')

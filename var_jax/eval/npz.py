@@ -50,6 +50,7 @@ class NpzImages:
     with self._zip.open(f'{self.key}.npy') as f:
       try:
         self.shape, fortran, self.dtype = _read_header(f)
+        header = f.tell()
       except (ValueError, OSError, zipfile.BadZipFile) as e:
         self._zip.close()
         raise ValueError(f'{self.path}: {self.key} is not a readable array ({e})') from e
@@ -61,6 +62,12 @@ class NpzImages:
       self._zip.close()
       raise ValueError(f'{self.path}: {self.key} must be non-empty (N, H, W, 3) images, '
                        f'got shape {tuple(self.shape)}')
+    row = int(np.prod(self.shape[1:]))
+    size = self._zip.getinfo(f'{self.key}.npy').file_size - header
+    if size < len(self) * row:
+      self._zip.close()
+      raise ValueError(f'{self.path}: {self.key} is truncated: it holds {size // row} of '
+                       f'{len(self)} images')
 
   def __len__(self) -> int:
     return int(self.shape[0])
