@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from var_jax import parallel
-from var_jax.convert.torch_io import CheckpointError, load_pth, save_pth
+from var_jax.convert.torch_io import load_pth, save_pth
+from var_jax.errors import CheckpointError
 from var_jax.eval import inception, weights_recipe
 
 DATA = pathlib.Path(__file__).resolve().parent / 'data'

@@ -274,7 +274,7 @@ def variables_from_state_dict(sd: Mapping[str, np.ndarray], source: str = 'state
   """pytorch-fid's state dict -> Flax variables {'params', 'batch_stats'} (float32 numpy).
 
   Raises CheckpointError naming the first missing, unexpected, misshapen or non-finite key."""
-  from var_jax.convert.torch_io import CheckpointError
+  from var_jax.errors import CheckpointError
   hint = f'is it the FID Inception weights ({FID_WEIGHTS_NAME})?'
   flat = traverse_util.flatten_dict(_abstract_variables())
   want = {_torch_key(p): p for p in flat}
