@@ -9,7 +9,8 @@ from the FID InceptionV3 in JAX (var_jax/eval/inception.py) with pytorch-fid's w
 which the user downloads once. The reference features and statistics are cached next to
 --out (or next to the samples without --out); see var_jax/eval/evaluate.py. By default the
 reference statistics are recomputed from arr_0 with this network; --ref-stats stored
-uses a reference batch's precomputed mu/sigma/mu_s/sigma_s (from TensorFlow's graph).
+uses a reference batch's precomputed mu/sigma/mu_s/sigma_s (TensorFlow's graph, over the
+whole data set); with both, metrics.json also compares them (stored_vs_recomputed).
 """
 from __future__ import annotations
 

@@ -10,11 +10,13 @@ reference file, the weights and the compute dtype (net.fingerprint): a stale cac
 ours is rewritten; a file of that name that var-jax did not write is neither read nor
 replaced.
 
-ADM's reference batches also hold `mu`/`sigma`/`mu_s`/`sigma_s`, computed by TensorFlow's
-Inception graph. By default (`ref_stats='recompute'`) the reference statistics are
-recomputed from arr_0 with this network so that both sides come from one network;
-`ref_stats='stored'` uses the stored ones. When both exist, `stored_vs_recomputed`
-reports FID/sFID against each and the Frechet distance between the two statistics.
+ADM's reference batches also hold `mu`/`sigma`/`mu_s`/`sigma_s`: statistics of the whole
+data set (e.g. all ImageNet train images) computed by TensorFlow's Inception graph, while
+arr_0 holds 10,000 of its images. By default (`ref_stats='recompute'`) the reference
+statistics are recomputed from arr_0 with this network, so both sides come from one
+network; `ref_stats='stored'` uses the stored ones (features of two networks). When
+both exist, `stored_vs_recomputed` reports FID/sFID against each and the Frechet
+distance between the two reference statistics. Precision and recall always use arr_0.
 """
 from __future__ import annotations
 
