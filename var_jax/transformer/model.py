@@ -20,8 +20,9 @@ blocks_0..blocks_{depth-1}, so converters and checkpoints do not change). Each
 step applies one `AdaLNSelfAttn` with its own parameters; the drop-path rate is
 scanned as data and each block gets its own dropout key. This compiles the block
 once instead of `depth` times (per scale when sampling). `scan_blocks=False`
-unrolls the loop (same numbers). `remat='block'` (or a checkpoint policy) recomputes each scanned block's
-activations in the backward pass (jax.checkpoint) to save memory.
+unrolls the loop (same numbers). `remat='block'` (or a checkpoint policy such as
+'dots_saveable') recomputes each block's activations in the backward pass
+(jax.checkpoint) to save memory, in both block loops.
 
 Inputs and the head run in float32 (the reference disables autocast there and
 casts to float before the head); the blocks run in `dtype`. With float32
@@ -53,7 +54,8 @@ class KVCache:
   """Keys and values of every block for all L positions of the doubled batch.
 
   k, v: (depth, B2, L, H, head_dim) in the compute dtype (block i at [i]); scale
-  si writes positions begin_ends[si] and reads [0, end). Shapes never change
+  si writes positions begin_ends[si] (all but the last scale, whose keys nothing
+  reads) and reads [0, end). Shapes never change
   while decoding, so the cache lives in one buffer per array for the whole
   sample (updated in place by dynamic_update_slice, also inside the block scan).
   """
@@ -261,9 +263,22 @@ class VAR(nn.Module):
     if self._use_scan():
       x_BLC, _ = self._scan_blocks(x_BLC, ada, mask_LL=mask_LL, train=train, remat=self.remat)
     else:
-      for block, ada_B16C in zip(self.blocks, ada):
-        x_BLC, _ = block(x_BLC, ada_B16C, mask_LL=mask_LL, deterministic=not train)
+      x_BLC = self._unrolled_blocks(x_BLC, ada, mask_LL=mask_LL, train=train)
     return self.get_logits(x_BLC, cond_BD)
+
+  def _unrolled_blocks(self, x_BLC, ada, *, mask_LL, train: bool):
+    """Teacher forcing through blocks_0.. one after another, each under jax.checkpoint
+    (nn.remat) when `remat` asks for it (not at init)."""
+    use_remat, policy = remat_policy(self.remat)
+
+    def call(block, x, ada_B16C):
+      return block(x, ada_B16C, mask_LL=mask_LL, deterministic=not train)[0]
+
+    if use_remat and not self.is_initializing():
+      call = nn.remat(call, policy=policy, prevent_cse=True)
+    for block, ada_B16C in zip(self.blocks, ada):
+      x_BLC = call(block, x_BLC, ada_B16C)
+    return x_BLC
 
   def decode_scale(self, si: int, x_BlC: jax.Array, cond_BD: jax.Array, ada, cache: KVCache,
                    stacked=None):
