@@ -13,8 +13,12 @@ Implementations (`VAR.attention`, `model.attention` in the training configs):
   splash  Pallas splash attention with a block-sparse mask (TPUs); both lengths
           padded to the 128-row block.
   auto    cudnn on NVIDIA GPUs and splash on TPUs for 16-bit compute, xla otherwise.
-The choice is made once, when the model is built, and logged; a choice the
-platform cannot run is an error naming the alternative (never a silent fallback).
+The choice is resolved when the model is built (the caller logs `resolve`'s
+answer); a choice the platform cannot run is an error naming the alternative
+(never a silent fallback). Measured on one H100 (benchmarks/attention_bench.py,
+B64 H16 L680 c64 bf16, forward+backward): xla 8.70 ms and 4.41 GiB temporary,
+cudnn 2.57 ms and 0.25 GiB; the ten KV-cached steps of a d16 batch-64 sample
+(guidance doubles it): xla 4.34 ms, cudnn 1.17 ms.
 
 The same function serves teacher forcing (all L tokens, block-causal mask) and
 KV-cached decoding (one scale's queries against the cached prefix, no mask).
