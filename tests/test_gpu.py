@@ -52,10 +52,10 @@ def test_fused_matches_xla_teacher_forcing_d16(scale):
   ct = jax.random.normal(jax.random.key(9), q.shape).astype(BF16)
 
   def run(impl):
-    def loss(q, k, v):
+    def loss(q, k, v, ct):
       out = attention_lib.attention(q, k, v, scale=scale, mask_qk=mask, implementation=impl)
       return jnp.vdot(out.astype(jnp.float32), ct.astype(jnp.float32)), out
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v, ct)
 
   (_, want), want_g = run('xla')
   (_, got), got_g = run(FUSED)
