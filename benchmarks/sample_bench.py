@@ -13,8 +13,10 @@ matmul rate (IDEAL_TFLOPS) or, where that is lower, reading the weights once per
 scale at its memory bandwidth; the fraction of the ideal reached; the KV-cache
 size; and three checks on the optimised program: full-KV-cache copies (0: the
 cache is updated in place), f32->bf16 converts of block weights (0 with weights
-made ready once) and dynamic slices of block weights (the per-block copies a
-scan over stacked weights makes; 0 with --unrolled).
+made ready once) and dynamic slices of block weights (how a scan over stacked
+weights reads each block's; 0 with --unrolled; whether they cost a copy shows in
+--profile as loop_dynamic_slice_fusion kernels). These checks match shapes: an
+activation of exactly a weight's shape would be counted too.
 
 FLOPs are counted from the configs (2 x multiply-adds): the transformer's every
 matmul of every scale on the doubled guidance batch (attention over the cached
@@ -201,11 +203,13 @@ def block_weight_shapes(var_params, depth: int):
 def program_checks(hlo_text: str, cfg: ModelConfig, var_params, batch: int, dtype) -> dict:
   v = cfg.var
   kv = [(v.depth, 2 * batch, v.L, v.num_heads, v.head_dim)]
-  per_block = {tuple(x.shape) for x in jax.tree.leaves(var_params['blocks_0']) if x.ndim >= 2}
+  per_block = {s for x in jax.tree.leaves(var_params['blocks_0']) if x.ndim >= 2
+               for s in (tuple(x.shape), (1,) + tuple(x.shape))}
   return {'kv_copies': count_ops(hlo_text, 'copy', dtype, kv),
           'weight_casts': count_converts(hlo_text, 'bf16', block_weight_shapes(var_params, v.depth))
           if jnp.dtype(dtype) == jnp.bfloat16 else 0,
-          'weight_slices': count_ops(hlo_text, 'dynamic-slice', dtype, per_block)}
+          'weight_slices': sum(count_ops(hlo_text, 'dynamic-slice', d, per_block)
+                               for d in ('f32', 'bf16'))}
 
 
 # --- profile ------------------------------------------------------------------------
