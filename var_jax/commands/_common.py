@@ -94,5 +94,5 @@ def enable_compilation_cache(environ=None) -> str | None:
     print(f'var-jax: warning: no compilation cache ({path}: {e.strerror})', file=sys.stderr)
     return None
   jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
   return path
