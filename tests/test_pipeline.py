@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT, get_fixture
 
 import var_jax
-from var_jax.checkpoint import CheckpointError
+from var_jax.errors import CheckpointError
 from var_jax.convert.torch_io import load_pth
 
 TOL = 1e-4

@@ -21,6 +21,7 @@ COMMANDS = {
     'reconstruct': ('var_jax.commands.reconstruct', 'encode and decode images with the VQVAE'),
     'train': ('var_jax.commands.train', 'train the VAR transformer'),
     'train-vqvae': ('var_jax.commands.train_vqvae', 'train the multi-scale VQVAE'),
+    'eval': ('var_jax.commands.eval', 'FID, sFID, IS, precision/recall of a sample batch'),
 }
 
 

@@ -24,14 +24,13 @@ def report(cmd: str, error: BaseException, code: int) -> int:
 
 def guarded(cmd: str, fn, args) -> int:
   """Runs fn(args); known failures become a one-line message and an exit code."""
-  from var_jax.checkpoint import CheckpointError
-  from var_jax.convert.torch_io import CheckpointError as PthError
+  from var_jax.errors import CheckpointError
   try:
     return int(fn(args) or 0)
   except CommandError as e:
     return report(cmd, e, e.code)
   except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
-          CheckpointError, PthError) as e:
+          CheckpointError) as e:
     return report(cmd, e, FAILURE)
   except ValueError as e:
     return report(cmd, e, USAGE)
