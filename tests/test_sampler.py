@@ -209,8 +209,8 @@ def test_weight_cast_counter_sees_a_cast():
 
 def test_bfloat16_program_has_no_weight_casts():
   """Ready bf16 params: the optimised program converts no block weight (per block or
-  stacked) to bf16; with params as stored it does (once per call), and both give the
-  same bits. Batch 3 keeps the activation shapes (6 l, C) apart from the weight shapes."""
+  stacked) to bf16 and copies the KV cache at most once; with params as stored it
+  converts (once per call), and both give the same bits. Batch 3 keeps the activation shapes (6 l, C) apart from the weight shapes."""
   bench = _bench()
   fx, vae_p, var_p = loaded('tiny4')
   s = sampler.Sampler(fx.config, top_k=5, use_top_p=True, dtype=jnp.bfloat16, decode=False)
@@ -222,6 +222,8 @@ def test_bfloat16_program_has_no_weight_casts():
   progs = {name: s.lower(vae_p, p, *args).compile() for name, p in (('ready', ready), ('raw', var_p))}
   assert bench.count_converts(progs['ready'].as_text(), 'bf16', shapes) == 0
   assert bench.count_converts(progs['raw'].as_text(), 'bf16', shapes) > 0
+  # the KV cache is updated in place: at most the initial zero fill is a full copy
+  assert bench.program_checks(progs['ready'].as_text(), fx.config, var_p, 3, jnp.bfloat16)['kv_copies'] <= 1
   run = (jnp.asarray([1, 2, 3]), jnp.float32(1.5), jnp.float32(0.5), jax.random.key(0), None)
   (f_ready, t_ready), (f_raw, t_raw) = progs['ready'](vae_p, ready, *run), progs['raw'](vae_p, var_p, *run)
   np.testing.assert_array_equal(np.asarray(f_ready), np.asarray(f_raw))

@@ -114,16 +114,23 @@ def _cache_write_read(kv: KV, k_BlHc: jax.Array, v_BlHc: jax.Array, begin: int, 
   out = []
   for cache, new in zip(kv, (k_BlHc, v_BlHc)):
     new = new.astype(cache.dtype)
+    # Write first, then read the prefix back from the updated buffer: reading the old
+    # prefix before an in-place write of the same buffer makes XLA copy the whole cache.
     if layer is None:
-      old = cache[:, :begin]
       if write:
         cache = jax.lax.dynamic_update_slice(cache, new, (0, begin, 0, 0))
+        out.append((cache, cache[:, :begin + l]))
+      else:
+        out.append((cache, jnp.concatenate([cache[:, :begin], new], axis=1)))
     else:
       idx = jnp.asarray(layer, jnp.int32)
-      old = jax.lax.dynamic_slice(cache, (idx, zero, zero, zero, zero), (1, B, begin, H, c))[0]
       if write:
         cache = jax.lax.dynamic_update_slice(cache, new[None], (idx, zero, jnp.int32(begin), zero, zero))
-    out.append((cache, jnp.concatenate([old, new], axis=1)))
+        prefix = jax.lax.dynamic_slice(cache, (idx, zero, zero, zero, zero), (1, B, begin + l, H, c))[0]
+      else:
+        old = jax.lax.dynamic_slice(cache, (idx, zero, zero, zero, zero), (1, B, begin, H, c))[0]
+        prefix = jnp.concatenate([old, new], axis=1)
+      out.append((cache, prefix))
   (k_cache, k), (v_cache, v) = out
   return (k_cache, v_cache), k, v
 
