@@ -6,7 +6,7 @@
 
 Measures the jitted step only (tokenizer + VAR forward/backward + AdamW) on one fixed
 device-resident batch, after a warm-up step that compiles; data loading is excluded.
-MFU = analytic VAR training FLOPs (step.var_flops_per_image; the frozen tokenizer is
+MFU = analytic VAR training FLOPs (writer.var_flops_per_image; the frozen tokenizer is
 not counted) / (devices x peak bf16 FLOP/s of the device kind).
 """
 from __future__ import annotations
@@ -29,19 +29,21 @@ def main(argv=None) -> int:
   ap.add_argument('--json', default='', help='append the result as one JSON line to this file')
   args, overrides = ap.parse_known_args(argv)
 
-  from flax import linen as nn
   from var_jax.config_loader import load_config
-  from var_jax.train.var_trainer import VARTrainer
+  from var_jax.data import images as data_lib
+  from var_jax.train import loop, writer
   cfg = load_config(args.config, overrides)
-  with tempfile.TemporaryDirectory() as tmp:
-    t = VARTrainer(cfg, tmp)
+  if True:
+    t = loop.make_task(cfg)
     state = t.init_state()
-    batch = t.global_batch_arrays(next(t.make_train_iter()))
-    lw = jnp.asarray(t.loss_weights(0))
+    c = t.ctx
+    it = data_lib.make_train_pipeline(c.source, cfg.data, seed=0, global_batch_size=c.global_batch,
+                                      image_size=t.image_size(cfg))
+    batch = loop.global_batch(next(it), t.batch_shardings)
 
     def step(state):
-      with jax.set_mesh(t.mesh), nn.logical_axis_rules(t.rules):
-        return t._train_step(state, t.vae_params, batch, lw)
+      with c.activate():
+        return t.train_step(state, batch, 0)
 
     t0 = time.perf_counter()
     state, m = step(state)
@@ -53,16 +55,17 @@ def main(argv=None) -> int:
     jax.block_until_ready((state, m))
     dt = (time.perf_counter() - t0) / args.steps
 
-  gb, L = t.global_batch, t.var_cfg.L
+  gb, L = c.global_batch, t.var_cfg.L
+  peak = writer.peak_flops()
   out = {
       'config': args.config, 'overrides': overrides, 'device': jax.devices()[0].device_kind,
-      'devices': jax.device_count(), 'mesh': dict(t.mesh.shape), 'global_batch': gb,
+      'devices': jax.device_count(), 'mesh': dict(c.mesh.shape), 'global_batch': gb,
       'params_M': round(t.num_params / 1e6, 3), 'dtype': cfg.dtype,
       'compile_s': round(compile_s, 2), 'step_time_s': round(dt, 5),
       'images_per_s': round(gb / dt, 2), 'tokens_per_s': round(gb * L / dt, 1),
       'tflops_per_s': round(t.flops_per_image * gb / dt / 1e12, 4),
-      'mfu': (round(t.flops_per_image * gb / dt / (jax.device_count() * t.peak_flops), 4)
-              if t.peak_flops > 0 else None),
+      'mfu': (round(t.flops_per_image * gb / dt / (jax.device_count() * peak), 4)
+              if peak > 0 else None),
       'loss': float(m['loss']),
   }
   print(json.dumps(out, indent=1))
