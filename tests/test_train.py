@@ -1,7 +1,9 @@
 """VAR training tests on CPU with 8 fake devices (tests/conftest.py) and the tiny config."""
+import json
 import math
 import os
 import pathlib
+import shutil
 import signal
 
 import jax
@@ -10,7 +12,8 @@ import numpy as np
 import pytest
 
 from var_jax.config_loader import load_config
-from var_jax.train import checkpoint_manager, loop, optim, var_step
+from var_jax.data import images
+from var_jax.train import checkpoint_manager, loop, optim, tokenize, var_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / 'configs' / 'var_tiny.py')
@@ -289,3 +292,82 @@ def test_model_sections_map_onto_the_dataclasses(name):
     assert vae.v_patch_nums == (PATCH_NUMS_512 if name.endswith('512') else PATCH_NUMS_256)
   with pytest.raises(ValueError, match='no field'):
     VARConfig.from_section(c.model, patch_nums=vae.v_patch_nums)   # attention/remat are not fields
+
+
+# --- pre-tokenised data (var-jax tokenize, data.kind=tokens) ---------------------------------
+def _tokenize(config, out, crops=1, flip=False):
+  return tokenize.tokenize(config, str(out), crops=crops, flip=flip, shard_size=6, batch_size=4,
+                           log=lambda msg: None)
+
+
+@pytest.fixture(scope='module')
+def tokens_dir(t8, tmp_path_factory):
+  """t8's 16 training images (one crop each) and 4 eval images, encoded by its tokenizer."""
+  out = tmp_path_factory.mktemp('tok') / 'tokens'
+  _tokenize(t8.ctx.config, out)
+  return out
+
+
+def token_config(path, *extra):
+  return tiny_config(*SHARED, '--config.mesh.data=2', '--config.mesh.fsdp=4',
+                     '--config.data.kind=tokens', f'--config.data.path={path}', *extra)
+
+
+def test_first_loss_from_tokens_equals_loss_from_images(t8, tokens_dir):
+  tt = loop.make_task(token_config(tokens_dir), devices=jax.devices()[:8])
+  local = first_batch(tt)
+  assert local['tokens'].shape == (8, 14) and 'image' not in local
+  # the same crops as images, in the image pipelines' stream order
+  src, c = t8.ctx.source, t8.ctx.config
+  stream, _ = images.stream(len(src), 8, train=True, seed=c.seed)
+  idx = [stream[k][1] for k in range(8)]
+  imgs = np.stack([tokenize.variants(src[i], 6, mid_reso=c.data.mid_reso, crops=1, flip=False,
+                                     seed=c.seed, index=i)[0] for i in idx])
+  labels = np.asarray([src[i]['label'] for i in idx], np.int32)
+  np.testing.assert_array_equal(labels, local['label'])
+  gt, _ = var_step.make_targets(t8.vae_model, False)(t8.vae_params, {'image': jnp.asarray(imgs)})
+  np.testing.assert_array_equal(np.asarray(gt), local['tokens'])
+  s_img, m_img = _one_step(t8, {'image': imgs, 'label': labels})
+  s_tok, m_tok = _one_step(tt, local)
+  assert abs(float(m_img['loss']) - float(m_tok['loss'])) < 1e-6
+  assert tree_max_diff(s_img.params, s_tok.params) < 1e-6
+
+
+def test_tokens_made_otherwise_or_truncated_are_refused(tokens_dir, tmp_path):
+  eight = jax.devices()[:8]
+  with pytest.raises(ValueError, match='patch_nums'):
+    loop.make_task(token_config(tokens_dir, '--config.vae.patch_nums=(1, 2, 4)'), devices=eight)
+  with pytest.raises(ValueError, match='another tokenizer'):
+    loop.make_task(token_config(tokens_dir, '--config.vae.quant_resi=0.25'), devices=eight)
+  broken = tmp_path / 'broken'
+  shutil.copytree(tokens_dir, broken)
+  shard = broken / 'train-00001-of-00003.array_record'
+  shard.write_bytes(shard.read_bytes()[:1000])
+  with pytest.raises(ValueError, match='truncated'):
+    loop.make_task(token_config(broken), devices=eight)
+
+
+def test_tokenize_resumes_and_refuses_other_folders(t8, tokens_dir, tmp_path):
+  c = t8.ctx.config
+  out = tmp_path / 'killed'
+  shutil.copytree(tokens_dir, out)
+  # as a killed run leaves it: manifest not complete, a shard missing, a temporary file
+  manifest = json.loads((out / 'manifest.json').read_text())
+  (out / 'manifest.json').write_text(json.dumps(dict(manifest, complete=False)))
+  lost, kept = out / 'train-00001-of-00003.array_record', out / 'train-00000-of-00003.array_record'
+  want, mtime = lost.read_bytes(), kept.stat().st_mtime_ns
+  lost.unlink()
+  (out / '.train-00001-of-00003.array_record.tmp-123').write_bytes(b'partial')
+  assert _tokenize(c, out)['complete']
+  assert lost.read_bytes() == want and kept.stat().st_mtime_ns == mtime
+  assert not [f for f in os.listdir(out) if 'tmp' in f]
+  assert json.loads((out / 'manifest.json').read_text()) == manifest
+  # other settings, or a folder it did not make: refused, nothing touched
+  with pytest.raises(FileExistsError, match='other settings'):
+    _tokenize(c, out, crops=2)
+  mine = tmp_path / 'mine'
+  mine.mkdir()
+  (mine / 'notes.txt').write_text('mine')
+  with pytest.raises(FileExistsError, match='not made by var-jax tokenize'):
+    _tokenize(c, mine)
+  assert os.listdir(mine) == ['notes.txt']

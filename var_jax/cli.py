@@ -19,6 +19,7 @@ COMMANDS = {
     'reconstruct': ('var_jax.commands.reconstruct', 'encode and decode images with the VQVAE'),
     'train': ('var_jax.commands.train', 'train the VAR transformer or the VQVAE (the config decides)'),
     'train-vqvae': ('var_jax.commands.train_vqvae', 'the same as train (kept for scripts)'),
+    'tokenize': ('var_jax.commands.tokenize', 'encode a data set once with the frozen tokenizer'),
 }
 
 

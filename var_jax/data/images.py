@@ -170,7 +170,7 @@ class _Load:
       return {'image': blank, 'label': 0, 'mask': 0, 'ok': 1}
     try:
       rec = self.source[src % n]
-      img = (Image.open(rec['path']) if 'path' in rec else Image.fromarray(_hwc3(rec['image'])))
+      img = open_image(rec)
       rng = np.random.default_rng([self.seed, g]) if self.train else None
       arr = augment.augment(img, self.image_size, train=self.train, rng=rng,
                             mid_reso=self.mid_reso, hflip=self.hflip)
@@ -179,6 +179,11 @@ class _Load:
       where = self.source.items[src % n][0] if isinstance(self.source, FolderSource) else f'#{src % n}'
       print(f'[data] skipping unreadable image {where}: {type(e).__name__}: {e}', file=sys.stderr)
       return {'image': blank, 'label': 0, 'mask': 0, 'ok': 0}
+
+
+def open_image(record: Dict[str, Any]) -> Image.Image:
+  """The PIL image of a source record ({'path': ...} or {'image': HWC or HW array})."""
+  return Image.open(record['path']) if 'path' in record else Image.fromarray(_hwc3(record['image']))
 
 
 def _hwc3(a: np.ndarray) -> np.ndarray:

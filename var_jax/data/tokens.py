@@ -72,7 +72,7 @@ def read_manifest(path: str) -> Optional[Dict[str, Any]]:
 
 
 def write_manifest(path: str, manifest: Dict[str, Any]) -> None:
-  tmp = os.path.join(path, f'{MANIFEST}.tmp{os.getpid()}')
+  tmp = os.path.join(path, f'.{MANIFEST}.tmp-{os.getpid()}')
   with open(tmp, 'w') as f:
     json.dump(manifest, f, indent=1)
   os.replace(tmp, os.path.join(path, MANIFEST))
