@@ -5,6 +5,7 @@ import os
 import pathlib
 import shutil
 import signal
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -371,3 +372,126 @@ def test_tokenize_resumes_and_refuses_other_folders(t8, tokens_dir, tmp_path):
   with pytest.raises(FileExistsError, match='not made by var-jax tokenize'):
     _tokenize(c, mine)
   assert os.listdir(mine) == ['notes.txt']
+
+
+# --- hardening: damaged checkpoints, one metrics row per step, errors, faults -----------------
+def _rows(workdir):
+  return [json.loads(line)['step'] for line in (pathlib.Path(workdir) / 'metrics.jsonl').open()]
+
+
+def test_damaged_latest_checkpoint_is_set_aside_and_the_run_continues(t8, tmp_path, capsys):
+  t8.ctx.config.run.log_every = 1
+  try:
+    straight, _ = loop.run(t8, str(tmp_path / 'straight'), stop_after=6)
+    work = tmp_path / 'damaged'
+    loop.run(t8, str(work), stop_after=4)                  # checkpoints 2 and 4 (keep=2)
+    for f in (work / 'checkpoints' / '4' / 'state').rglob('d/*'):   # truncate the array data
+      f.write_bytes(f.read_bytes()[:8])
+    capsys.readouterr()
+    state, out = loop.run(t8, str(work), stop_after=6)
+  finally:
+    t8.ctx.config.run.log_every = 1000
+  err = capsys.readouterr().err
+  assert 'checkpoint 4 cannot be restored' in err and 'Traceback' not in err
+  assert (work / 'damaged_checkpoints' / '4' / 'state').is_dir()    # kept, never deleted
+  assert out['status'] == 'done' and out['step'] == 6
+  assert tree_equal(jax.device_get(straight.params), jax.device_get(state.params))
+  assert _rows(work) == list(range(1, 7))                  # steps 3, 4 logged once after the resume
+
+
+def test_a_checkpoint_of_another_model_is_an_error_not_damage(t8, tmp_path):
+  work = tmp_path / 'run'
+  loop.run(t8, str(work), stop_after=2)
+  other = loop.make_task(tiny_config(*SHARED, '--config.model.embed_dim=32', '--config.mesh.data=1'),
+                         devices=jax.devices()[:1])
+  with pytest.raises(ValueError, match='another model'):
+    loop.run(other, str(work))
+  assert (work / 'checkpoints' / '2').is_dir() and not (work / 'damaged_checkpoints').exists()
+
+
+@pytest.mark.parametrize('argv, code, message', [
+    (['--config', 'configs/missing.py'], 1, "config file 'configs/missing.py' not found"),
+    (['--config', TINY, '--config.batchsize=8'], 2, "did you mean 'batch_size'?"),
+    (['--config', TINY, '--config.batch_size=eight'], 2, "config key 'batch_size' expects int"),
+    (['--config', TINY, '--config.vae.checkpoint=/nonexistent/vae.pth'], 1, 'not found'),
+    (['--config', TINY, '--config.model.attention=flash'], 2, 'attention must be one of'),
+])
+def test_train_errors_are_one_line(tmp_path, capsys, argv, code, message):
+  from var_jax import cli
+  assert cli.main(['train', '--workdir', str(tmp_path / 'w'), *argv]) == code
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('var-jax train: error: ') and message in err[0], err
+
+
+def test_tokens_folder_errors_exit_1(t8, tokens_dir, tmp_path, capsys):
+  from var_jax import cli
+  args = ['train', '--workdir', str(tmp_path / 'w'), '--config', TINY, *FAST, *SHARED,
+          '--config.data.kind=tokens', f'--config.data.path={tokens_dir}',
+          '--config.vae.quant_resi=0.25']
+  assert cli.main(args) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'another tokenizer' in err[0]
+
+
+def _train_cmd(workdir, *extra):
+  return [sys.executable, '-m', 'var_jax.cli', 'train', '--config', TINY, '--workdir', str(workdir),
+          *FAST, '--config.data.synthetic_examples=16', '--config.total_steps=10',
+          '--config.run.save_every=2', '--config.run.log_every=1', '--config.run.export=true',
+          '--config.run.async_checkpoint=true', *extra]
+
+
+def _env():
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT), PYTHONUNBUFFERED='1')
+  env['XLA_FLAGS'] = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
+                              if 'device_count' not in f)   # one CPU device: fast start-up
+  return env
+
+
+def _run_until(workdir, trigger, delay, sig=signal.SIGKILL):
+  """Runs the tiny training in a subprocess and sends `sig` `delay` s after the step line
+  that `trigger(step, n)` accepts (n: lines so far in this run); returns the exit code."""
+  import subprocess
+  import time
+  p = subprocess.Popen(_train_cmd(workdir), env=_env(), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
+  try:
+    n = 0
+    for line in p.stdout:
+      if line.startswith('[var] step '):
+        n += 1
+        if trigger(int(line.split()[2].rstrip(':')), n):
+          time.sleep(delay)
+          p.send_signal(sig)
+          break
+    p.stdout.read()
+    return p.wait(timeout=300)
+  finally:
+    if p.poll() is None:
+      p.kill()
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_rerun_is_bit_identical(tmp_path):
+  """SIGTERM once (saves, exit 75), then SIGKILL at seeded random moments, one of them
+  mid-save (an even step's line is printed right after its asynchronous save starts),
+  then a rerun: the final parameters equal an uninterrupted run's, and metrics.jsonl
+  has each step once."""
+  import subprocess
+  from var_jax import checkpoint
+  ref = tmp_path / 'straight'
+  assert subprocess.run(_train_cmd(ref), env=_env(), capture_output=True).returncode == 0
+  work = tmp_path / 'killed'
+  assert _run_until(work, lambda step, n: n == 2, 0.0, signal.SIGTERM) == loop.PREEMPTED_EXIT_CODE
+  rng = np.random.default_rng(0)
+  for kill in range(3):
+    if kill == 1:   # during the save of the first even step of this run
+      assert _run_until(work, lambda step, n: step % 2 == 0, 0.0) == -signal.SIGKILL
+    else:
+      nth, delay = int(rng.integers(1, 3)), float(rng.uniform(0, 0.3))
+      assert _run_until(work, lambda step, n: n == nth, delay) == -signal.SIGKILL
+  done = subprocess.run(_train_cmd(work), env=_env(), capture_output=True, text=True)
+  assert done.returncode == 0, done.stdout[-2000:]
+  want, got = checkpoint.restore(ref / 'export'), checkpoint.restore(work / 'export')
+  assert tree_equal(want[2], got[2]) and tree_equal(want[1], got[1])
+  assert _rows(work) == list(range(1, 11))
+  assert not [p for p in work.rglob('*') if 'tmp' in p.name]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from var_jax.commands._common import USAGE, CommandError, guarded
+from var_jax.commands._common import FAILURE, USAGE, CommandError, guarded
 from var_jax.commands.train import debug_mode, init_distributed
 
 ACCEPTS_OVERRIDES = True
@@ -42,9 +42,13 @@ def _run(args) -> int:
   from var_jax.config_loader import load_config
   cfg = load_config(args.config, getattr(args, 'overrides', []))
   init_distributed(args.distributed)
+  from var_jax.data.tokens import TokensError
   from var_jax.train import tokenize
-  tokenize.tokenize(cfg, args.out, crops=args.crops, flip=args.flip, shard_size=args.shard_size,
-                    batch_size=args.batch_size, num_threads=args.threads)
+  try:
+    tokenize.tokenize(cfg, args.out, crops=args.crops, flip=args.flip, shard_size=args.shard_size,
+                      batch_size=args.batch_size, num_threads=args.threads)
+  except TokensError as e:   # --out holds something that is not our tokens folder
+    raise CommandError(str(e), FAILURE) from e
   return 0
 
 

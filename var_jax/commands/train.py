@@ -67,10 +67,11 @@ def _run(args) -> int:
   cfg = load_config(args.config, getattr(args, 'overrides', []))   # bad config: no jax start-up
   import jax
   init_distributed(args.distributed)
+  from var_jax.data.tokens import TokensError
   from var_jax.train import loop
   try:
     _, summary = loop.train_and_evaluate(cfg, args.workdir, stop_after=args.stop_after)
-  except FloatingPointError as e:   # run.nan_policy=stop
+  except (FloatingPointError, TokensError) as e:   # run.nan_policy=stop; an unusable tokens folder
     raise CommandError(str(e), FAILURE) from e
   if jax.process_index() == 0:
     print(json.dumps(summary, indent=1), flush=True)

@@ -259,8 +259,7 @@ def make_pipeline(source, *, global_batch_size: int, image_size: int, train: boo
                   num_epochs=num_epochs, shard=shard)
   ds = ds.map(_Load(source, image_size, train, seed, mid_reso, hflip))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(lb * prefetch, num_threads)))
-  if worker_count > 0:
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  it_ds = worker_processes(it_ds, worker_count)
   counter = None
   if train:
     counter = CountBad()
@@ -268,6 +267,16 @@ def make_pipeline(source, *, global_batch_size: int, image_size: int, train: boo
   it_ds = it_ds.batch(lb, drop_remainder=train).map(lambda b: _finish(b) | (
       {} if train else {'ok': b['ok']}))
   return ImagePipeline(it_ds, counter)
+
+
+def worker_processes(it_ds, worker_count: int):
+  """`it_ds` read by `worker_count` grain worker processes (0: in this process's threads)."""
+  if worker_count <= 0:
+    return it_ds
+  from absl import flags   # grain's workers read absl flags, which no absl app parsed here
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
 
 
 def stream(n: int, global_batch_size: int, *, train: bool, seed: int = 0,

@@ -29,6 +29,12 @@ import numpy as np
 from var_jax.data import images
 
 FORMAT, VERSION = 'var-jax-tokens', 1
+
+
+class TokensError(ValueError):
+  """A tokens folder that cannot be used: incomplete, truncated, corrupt, or made with
+  another tokenizer or patch_nums (`var-jax train` exits 1 on it, as for a bad file)."""
+
 MANIFEST = 'manifest.json'
 _LABEL = np.dtype('<i4')
 
@@ -49,7 +55,7 @@ def decode_record(raw: bytes, variants: int, L: int, dtype: np.dtype):
   """(label, tokens (variants, L)); ValueError if the record has the wrong length."""
   want = _LABEL.itemsize + variants * L * dtype.itemsize
   if len(raw) != want:
-    raise ValueError(f'token record of {len(raw)} bytes, expected {want}: corrupt shard')
+    raise TokensError(f'token record of {len(raw)} bytes, expected {want}: corrupt shard')
   label = int(np.frombuffer(raw, _LABEL, 1)[0])
   return label, np.frombuffer(raw, dtype, variants * L, _LABEL.itemsize).reshape(variants, L)
 
@@ -63,11 +69,11 @@ def read_manifest(path: str) -> Optional[Dict[str, Any]]:
     with open(f) as fh:
       m = json.load(fh)
   except (OSError, ValueError) as e:
-    raise ValueError(f'{f}: unreadable tokens manifest ({e})') from None
+    raise TokensError(f'{f}: unreadable tokens manifest ({e})') from None
   if not isinstance(m, dict) or m.get('format') != FORMAT:
-    raise ValueError(f'{f} is not a var-jax tokens manifest')
+    raise TokensError(f'{f} is not a var-jax tokens manifest')
   if m.get('version') != VERSION:
-    raise ValueError(f'{f}: tokens format version {m.get("version")}, this var-jax reads {VERSION}')
+    raise TokensError(f'{f}: tokens format version {m.get("version")}, this var-jax reads {VERSION}')
   return m
 
 
@@ -88,10 +94,10 @@ class TokenSource:
     if m is None:
       raise FileNotFoundError(f'{path} has no {MANIFEST}: not a tokens folder (var-jax tokenize)')
     if not m.get('complete'):
-      raise ValueError(f'{path} is incomplete (tokenize was interrupted): rerun the same '
+      raise TokensError(f'{path} is incomplete (tokenize was interrupted): rerun the same '
                        'var-jax tokenize command to finish it')
     if split not in m['splits']:
-      raise ValueError(f'{path} has no {split!r} split (it has {sorted(m["splits"])})')
+      raise TokensError(f'{path} has no {split!r} split (it has {sorted(m["splits"])})')
     self.path, self.split, self.manifest = path, split, m
     info = m['splits'][split]
     self.variants, self.L = int(info['variants']), int(m['L'])
@@ -105,7 +111,7 @@ class TokenSource:
         raise FileNotFoundError(f'tokens shard {f} is missing')
       size = os.path.getsize(f)
       if size != s['bytes']:
-        raise ValueError(f'tokens shard {f} is truncated or damaged: {size} bytes, the manifest '
+        raise TokensError(f'tokens shard {f} is truncated or damaged: {size} bytes, the manifest '
                          f'says {s["bytes"]}; rerun var-jax tokenize into a new folder')
       files.append(f)
     self._files = files
@@ -115,10 +121,10 @@ class TokenSource:
     """ValueError unless the tokens were made by this tokenizer and schedule."""
     m = self.manifest
     if tuple(m['patch_nums']) != tuple(patch_nums):
-      raise ValueError(f'{self.path} holds tokens for patch_nums {tuple(m["patch_nums"])}, the '
+      raise TokensError(f'{self.path} holds tokens for patch_nums {tuple(m["patch_nums"])}, the '
                        f'config uses {tuple(patch_nums)}: tokenize again with this config')
     if m['fingerprint'] != fingerprint:
-      raise ValueError(f'{self.path} was made with another tokenizer (fingerprint '
+      raise TokensError(f'{self.path} was made with another tokenizer (fingerprint '
                        f'{m["fingerprint"][:12]}, config.vae gives {fingerprint[:12]}): '
                        'tokenize again with this config.vae, or point config.vae at the one used')
 
@@ -126,7 +132,7 @@ class TokenSource:
     if self._ds is None:   # opened lazily: the source is pickled into grain workers
       self._ds = grain.sources.ArrayRecordDataSource(self._files)
       if len(self._ds) != self._n:
-        raise ValueError(f'{self.path}: {len(self._ds)} {self.split} records, the manifest says {self._n}')
+        raise TokensError(f'{self.path}: {len(self._ds)} {self.split} records, the manifest says {self._n}')
     return self._ds
 
   def __len__(self) -> int:
@@ -166,8 +172,7 @@ def make_pipeline(source: TokenSource, *, global_batch_size: int, train: bool, s
   ds = ds.map(_LoadTokens(source, train, seed))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                prefetch_buffer_size=max(lb * prefetch, num_threads)))
-  if worker_count > 0:
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  it_ds = images.worker_processes(it_ds, worker_count)
   counter = None
   if train:
     counter = images.CountBad()

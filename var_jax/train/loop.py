@@ -78,12 +78,19 @@ def task_class(config):
   raise ValueError(f"config.task must be 'var' or 'vqvae', got {name!r}")
 
 
-def make_context(config, devices=None, image_size: Optional[int] = None) -> Context:
-  """Mesh, rules, training source and step counts from a config."""
+def mesh_and_rules(config, devices=None) -> Tuple[Mesh, Tuple[Tuple[str, Any], ...]]:
+  """The (data, fsdp, tensor) mesh of config.mesh and the logical-axis rules."""
   c = config
   mesh = parallel.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
   rules = tuple((k, tuple(v) if isinstance(v, list) else v)
                 for k, v in c.logical_axis_rules) or parallel.LOGICAL_RULES
+  return mesh, rules
+
+
+def make_context(config, devices=None, image_size: Optional[int] = None) -> Context:
+  """Mesh, rules, training source and step counts from a config."""
+  c = config
+  mesh, rules = mesh_and_rules(c, devices)
   if image_size is None:
     image_size = task_class(c).image_size(c)
   source = data_lib.make_source(c.data, 'train', image_size)
