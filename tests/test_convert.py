@@ -14,7 +14,8 @@ from conftest import FIXTURES, get_fixture
 from var_jax.config import ModelConfig
 from var_jax.convert import mapping, naming
 from var_jax.convert.infer import infer_config
-from var_jax.convert.torch_io import CheckpointError, load_pth, save_pth
+from var_jax.convert.torch_io import load_pth, save_pth
+from var_jax.errors import CheckpointError
 
 PARTS = (('vae', mapping.VQVAE), ('var', mapping.VAR))
 _ABSTRACT = {}

@@ -3,6 +3,7 @@ import functools
 import json
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -356,3 +357,85 @@ def test_wrong_token_maps_raise():
     apply(r['idx_ref'][:2] + [r['idx_ref'][3], r['idx_ref'][3]], method='idx_to_fhat')
   with pytest.raises(ValueError, match=r'\(B, 4, 4, 8\)'):
     apply(jnp.zeros((1, 8, 8, 8)), method='f_to_fhats')
+
+
+# --- fast compute paths -----------------------------------------------------------------------
+def _randn(shape, seed, scale=1.0):
+  return jnp.asarray(np.random.default_rng(seed).normal(0, scale, shape), jnp.float32)
+
+
+@pytest.mark.parametrize('act', [False, True])
+def test_group_norm_is_flax_group_norm_in_float32(act):
+  """Float32: bit-identical to nn.GroupNorm(32, two-pass) (+ nn.silu); bfloat16
+  (one-pass variance, one cast): within bf16 rounding of it."""
+  from var_jax.tokenizer.autoencoder import GroupNorm
+  x = _randn((2, 5, 3, 64), 0, 3.0) + 1.5
+  p = {'scale': _randn((64,), 1) + 1, 'bias': _randn((64,), 2)}
+  flax_gn = nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False)
+  ref = jax.jit(lambda p, x: (nn.silu if act else (lambda y: y))(flax_gn.apply({'params': p}, x)))(p, x)
+  got = jax.jit(lambda p, x: GroupNorm().apply({'params': p}, x, act))(p, x)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+  bf = jax.jit(lambda p, x: GroupNorm(dtype=jnp.bfloat16).apply({'params': p}, x, act))(
+      p, x.astype(jnp.bfloat16))
+  assert bf.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(bf, np.float32), ref, atol=0.05, rtol=0.02)
+
+
+def test_subpixel_upsample_equals_repeat_then_conv():
+  """The 2x2 low-resolution conv computes conv3x3(nearest x2) with the same params."""
+  from var_jax.tokenizer.autoencoder import Upsample
+  hi = jax.lax.Precision.HIGHEST
+  x = _randn((2, 5, 4, 8), 3)
+  p = {'conv': {'kernel': _randn((3, 3, 8, 8), 4, 0.3), 'bias': _randn((8,), 5)}}
+  ref = Upsample(subpixel=False, precision=hi).apply({'params': p}, x)
+  got = Upsample(subpixel=True, precision=hi).apply({'params': p}, x)
+  assert got.shape == ref.shape == (2, 10, 8, 8)
+  np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+  created = meta.unbox(Upsample().init(jax.random.key(0), x)['params'])
+  assert jax.tree.map(jnp.shape, created) == jax.tree.map(jnp.shape, p)
+
+
+def _program_flops(fn, *args) -> int:
+  """2 * multiply-adds of every conv and matmul in fn's jaxpr (from the shapes)."""
+  total = 0
+
+  def walk(jaxpr):
+    nonlocal total
+    for eqn in jaxpr.eqns:
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+      if eqn.primitive.name == 'conv_general_dilated':
+        lhs, rhs = (v.aval.shape for v in eqn.invars)
+        out = eqn.outvars[0].aval.shape
+        dn = eqn.params['dimension_numbers']
+        kh, kw = (rhs[d] for d in dn.rhs_spec[2:])
+        c_in = rhs[dn.rhs_spec[1]]
+        total += 2 * kh * kw * c_in * int(np.prod(out))
+      elif eqn.primitive.name == 'dot_general':
+        (contract, _), _ = eqn.params['dimension_numbers']
+        lhs = eqn.invars[0].aval.shape
+        total += 2 * int(np.prod([lhs[d] for d in contract])) * int(np.prod(eqn.outvars[0].aval.shape))
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return total
+
+
+@pytest.mark.parametrize('cfg', [VQVAEConfig(ch=32, ch_mult=(1, 2, 2), vocab_size=64, z_channels=8,
+                                             v_patch_nums=(1, 2, 4)), VQVAEConfig()],
+                         ids=['small', 'release'])
+def test_vqvae_flops_count_every_conv_and_matmul(cfg):
+  """The analytic count equals the convs and matmuls of the traced encoder/decoder
+  (quantizer excluded: encode_f and decode_fhat only)."""
+  from var_jax.tokenizer import vqvae_flops
+  S, h = cfg.image_size, cfg.v_patch_nums[-1]
+  for subpixel in (True, False):
+    model = VQVAE(cfg, subpixel_upsample=subpixel)
+    p = abstract_params(model)
+    call = lambda method: (lambda p, x: model.apply({'params': p}, x, method=method))
+    enc = _program_flops(call('encode_f'), p, jax.ShapeDtypeStruct((3, S, S, 3), jnp.float32))
+    dec = _program_flops(call('decode_fhat'), p, jax.ShapeDtypeStruct((3, h, h, cfg.Cvae), jnp.float32))
+    assert vqvae_flops(cfg, 3, 'encode', subpixel=subpixel) == enc
+    assert vqvae_flops(cfg, 3, 'decode', subpixel=subpixel) == dec
+    assert vqvae_flops(cfg, 3, 'both', subpixel=subpixel) == enc + dec
+  assert vqvae_flops(cfg, 1, 'decode', subpixel=True) < vqvae_flops(cfg, 1, 'decode', subpixel=False)
+  with pytest.raises(ValueError, match='what must be one of'):
+    vqvae_flops(cfg, 1, 'train')

@@ -169,6 +169,7 @@ def test_progressive_loss_weights():
 
 
 # --- training behaviour ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_model_overfits(t8, tmp_path):
   """Two batches of 8 images, 100 steps: the loss falls by more than half."""
   t8.ctx.config.run.save_every = 1000
@@ -314,6 +315,7 @@ def token_config(path, *extra):
                      '--config.data.kind=tokens', f'--config.data.path={path}', *extra)
 
 
+@pytest.mark.slow
 def test_first_loss_from_tokens_equals_loss_from_images(t8, tokens_dir):
   tt = loop.make_task(token_config(tokens_dir), devices=jax.devices()[:8])
   local = first_batch(tt)

@@ -201,6 +201,7 @@ def test_trainer_resume_is_exact_and_exports(trainer, tmp_path):
   assert max(jax.tree_util.tree_leaves(moved)) > 0
 
 
+@pytest.mark.slow
 def test_restart_dead_codes(trainer):
   state = trainer.init_state()
   state = state.replace(hits_SV=state.hits_SV.at[:, 3].set(5.0))   # only code 3 alive

@@ -4,9 +4,10 @@ Images are NHWC in [-1, 1]; latents are (B, h, w, Cvae) with h = w = patch_nums[
 token maps are int32 (B, pn*pn) in raster order, one per scale. Call the methods
 with `VQVAE(cfg).apply({'params': params}, ..., method='name')`.
 
-With dtype=jnp.bfloat16 the encoder and decoder compute in bfloat16 while the
-quantizer (quant_conv output, distances, argmin, f_hat accumulation, phi) stays in
-float32, like the reference.
+With dtype=jnp.bfloat16 the encoder and decoder compute in bfloat16 (NHWC, float32
+GroupNorm statistics; see autoencoder.py) while the quantizer (quant_conv output,
+distances, argmin, f_hat accumulation, phi) stays in float32, like the reference.
+`var_jax.tokenizer.flops.vqvae_flops` counts the encoder/decoder FLOPs analytically.
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ class VQVAE(nn.Module):
   # Of the encoder/decoder convs; None: HIGHEST for float32 compute (no TF32 on GPUs, for
   # parity), the backend default otherwise. The quantizer always uses HIGHEST.
   precision: Any = None
+  # The decoder's upsample+conv as one 2x2 conv at low resolution (same function, 16/36
+  # of the FLOPs; see autoencoder.SubpixelUpConv); False: repeat, then the 3x3 conv.
+  subpixel_upsample: bool = True
 
   @property
   def _precision(self):
@@ -44,7 +48,8 @@ class VQVAE(nn.Module):
                   using_sa=cfg.using_sa, using_mid_sa=cfg.using_mid_sa, dropout=cfg.dropout,
                   dtype=self.dtype, param_dtype=self.param_dtype, precision=self._precision)
     self.encoder = Encoder(z_channels=cfg.Cvae, **common)
-    self.decoder = Decoder(out_channels=cfg.in_channels, **common)
+    self.decoder = Decoder(out_channels=cfg.in_channels, subpixel_upsample=self.subpixel_upsample,
+                           **common)
     ks = cfg.quant_conv_ks
     self.quant_conv = conv(cfg.Cvae, ks, None, dtype=_F32, param_dtype=self.param_dtype,
                            precision=jax.lax.Precision.HIGHEST)

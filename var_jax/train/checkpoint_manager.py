@@ -71,22 +71,6 @@ class ProcessJsonRestore(ocp.args.CheckpointArgs):
   item: Any = None
 
 
-def _quiet_event_loop_noise() -> None:
-  """Drops the RuntimeError('Event loop is closed') tracebacks that tensorstore callbacks
-  print when orbax gives up on a damaged checkpoint (the warning above says it all)."""
-  if getattr(sys.unraisablehook, '_var_jax', False):
-    return
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    exc = unraisable.exc_value
-    if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
-      return
-    previous(unraisable)
-  hook._var_jax = True
-  sys.unraisablehook = hook
-
-
 def _path(keys) -> str:
   """'params/blocks_0/attn/kernel' for a tree path of attributes, dict keys or indices."""
   return '/'.join(str(getattr(k, 'name', getattr(k, 'key', getattr(k, 'idx', k)))) for k in keys)
@@ -149,14 +133,15 @@ class CheckpointManager:
 
     A checkpoint that cannot be read is moved aside (see the module docstring); one
     written for other shapes raises ValueError (the config changed: nothing is moved)."""
-    _quiet_event_loop_noise()
+    from var_jax.checkpoint import quiet_orbax
     while True:
       step = self._mngr.latest_step()
       if step is None:
         return None
       try:
-        self._check_shapes(step, abstract_state)
-        state, data = self.restore(step, abstract_state)
+        with quiet_orbax():
+          self._check_shapes(step, abstract_state)
+          state, data = self.restore(step, abstract_state)
         return step, state, data
       except ShapeMismatch as e:
         raise ValueError(str(e)) from None

@@ -51,14 +51,9 @@ def load(vae_section) -> Tuple[VQVAEConfig, Any]:
                                    for k in diff))
     return got, vae_params
   if os.path.isfile(path):
-    from var_jax.convert import mapping, torch_io
-    sd = torch_io.load_pth(path)
-    abstract = mapping.abstract_params(ModelConfig(vae=want, var=None), what=mapping.VQVAE)
-    try:
-      params, _ = mapping.state_dict_to_params(sd, abstract, what=mapping.VQVAE, config=want)
-    except ValueError as e:
-      raise ValueError(f'{path}: {e}') from None
-    return want, params
+    from var_jax.convert import load_reference
+    config, params, _ = load_reference(path, config=ModelConfig(vae=want, var=None))
+    return config.vae, params['vae']
   raise FileNotFoundError(f"config.vae.checkpoint {path!r} not found (a reference .pth file or a "
                           "native checkpoint directory; '' for a random tokenizer)")
 

@@ -101,23 +101,29 @@ def drop_path(module: nn.Module, x_BLC: jax.Array, rate, deterministic: bool) ->
 
 
 def _cache_write_read(kv: KV, k_BlHc: jax.Array, v_BlHc: jax.Array, begin: int, layer=None):
-  """Write this scale's keys/values at position `begin` of the cache and read the
-  prefix [0, begin + l) back. layer=None: per-block (B, L, H, c) cache; else a
-  (depth, B, L, H, c) cache indexed at `layer` (static or traced). Both are
-  dynamic_update_slice on the whole buffer, so XLA updates it in place."""
+  """Write this scale's keys/values at position `begin` of the cache; return the
+  keys/values of [0, begin + l) (the cached [0, begin) joined with the new ones).
+  layer=None: per-block (B, L, H, c) cache; else a (depth, B, L, H, c) cache indexed
+  at `layer` (static or traced). The write is a dynamic_update_slice on the whole
+  buffer, so XLA updates it in place. Keys/values that end the cache (the last
+  scale) are not written: nothing reads them again.
+  """
   B, l, H, c = k_BlHc.shape
+  write = begin + l < kv[0].shape[-3]
+  zero = jnp.zeros((), jnp.int32)
   out = []
   for cache, new in zip(kv, (k_BlHc, v_BlHc)):
     new = new.astype(cache.dtype)
     if layer is None:
-      cache = jax.lax.dynamic_update_slice(cache, new, (0, begin, 0, 0))
-      out.append((cache, cache[:, :begin + l]))
+      old = cache[:, :begin]
+      if write:
+        cache = jax.lax.dynamic_update_slice(cache, new, (0, begin, 0, 0))
     else:
-      zero = jnp.zeros((), jnp.int32)
       idx = jnp.asarray(layer, jnp.int32)
-      cache = jax.lax.dynamic_update_slice(cache, new[None], (idx, zero, jnp.int32(begin), zero, zero))
-      prefix = jax.lax.dynamic_slice(cache, (idx, zero, zero, zero, zero), (1, B, begin + l, H, c))[0]
-      out.append((cache, prefix))
+      old = jax.lax.dynamic_slice(cache, (idx, zero, zero, zero, zero), (1, B, begin, H, c))[0]
+      if write:
+        cache = jax.lax.dynamic_update_slice(cache, new[None], (idx, zero, jnp.int32(begin), zero, zero))
+    out.append((cache, jnp.concatenate([old, new], axis=1)))
   (k_cache, k), (v_cache, v) = out
   return (k_cache, v_cache), k, v
 
@@ -129,8 +135,9 @@ class SelfAttention(nn.Module):
   With l2_norm, q and k are L2-normalised and q is multiplied per head by
   exp(min(scale_mul_1H11, max_scale_mul)); the softmax scale is `scale` (1 then,
   0.25/sqrt(head_dim) otherwise). With `kv` (a (k, v) cache of shape
-  (B, L, H, c)) the new keys/values are written at [begin, begin+l) and the
-  queries attend to cache[:, :begin+l] (no mask), as in KV-cached decoding.
+  (B, L, H, c)) the new keys/values are written at [begin, begin+l) (unless they
+  end the cache) and the queries attend to positions [0, begin+l) (no mask), as in
+  KV-cached decoding, through the same attention implementation as training.
   With `layer` (int or traced index) the cache holds every block, (depth, B, L,
   H, c), and only this block's slice is written/read, in place.
   """

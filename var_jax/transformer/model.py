@@ -20,8 +20,9 @@ blocks_0..blocks_{depth-1}, so converters and checkpoints do not change). Each
 step applies one `AdaLNSelfAttn` with its own parameters; the drop-path rate is
 scanned as data and each block gets its own dropout key. This compiles the block
 once instead of `depth` times (per scale when sampling). `scan_blocks=False`
-unrolls the loop (same numbers). `remat='block'` (or a checkpoint policy) recomputes each scanned block's
-activations in the backward pass (jax.checkpoint) to save memory.
+unrolls the loop (same numbers). `remat='block'` (or a checkpoint policy such as
+'dots_saveable') recomputes each block's activations in the backward pass
+(jax.checkpoint) to save memory, in both block loops.
 
 Inputs and the head run in float32 (the reference disables autocast there and
 casts to float before the head); the blocks run in `dtype`. With float32
@@ -53,7 +54,8 @@ class KVCache:
   """Keys and values of every block for all L positions of the doubled batch.
 
   k, v: (depth, B2, L, H, head_dim) in the compute dtype (block i at [i]); scale
-  si writes positions begin_ends[si] and reads [0, end). Shapes never change
+  si writes positions begin_ends[si] (all but the last scale, whose keys nothing
+  reads) and reads [0, end). Shapes never change
   while decoding, so the cache lives in one buffer per array for the whole
   sample (updated in place by dynamic_update_slice, also inside the block scan).
   """
@@ -95,7 +97,14 @@ def remat_policy(name: Any):
   """(use_remat, policy) for `VAR.remat`: 'none'; 'block' (keep only each block's input,
   recompute the rest in the backward pass); or a jax.checkpoint_policies name such as
   'dots_saveable' (keep matmul outputs, recompute the elementwise work). True/False are
-  accepted for 'block'/'none'."""
+  accepted for 'block'/'none'.
+
+  Compiled temporary memory of a d16 training gradient at batch 64, bfloat16, cuDNN
+  attention, one H100 (benchmarks/remat_memory.py): none 70.1 GiB, dots_saveable 18.4
+  GiB (as dots_with_no_batch_dims_saveable: the fused attention is no dot), block
+  5.3 GiB. With the xla attention the (B, H, L, L) probabilities dominate instead, and
+  dots_saveable keeps them (they are dot outputs).
+  """
   name = {True: 'block', False: 'none', None: 'none'}.get(name, name)
   if name not in REMAT_NAMES:
     raise ValueError(f'remat must be one of {REMAT_NAMES}, got {name!r}')
@@ -261,9 +270,22 @@ class VAR(nn.Module):
     if self._use_scan():
       x_BLC, _ = self._scan_blocks(x_BLC, ada, mask_LL=mask_LL, train=train, remat=self.remat)
     else:
-      for block, ada_B16C in zip(self.blocks, ada):
-        x_BLC, _ = block(x_BLC, ada_B16C, mask_LL=mask_LL, deterministic=not train)
+      x_BLC = self._unrolled_blocks(x_BLC, ada, mask_LL=mask_LL, train=train)
     return self.get_logits(x_BLC, cond_BD)
+
+  def _unrolled_blocks(self, x_BLC, ada, *, mask_LL, train: bool):
+    """Teacher forcing through blocks_0.. one after another, each under jax.checkpoint
+    (nn.remat) when `remat` asks for it (not at init)."""
+    use_remat, policy = remat_policy(self.remat)
+
+    def call(block, x, ada_B16C):
+      return block(x, ada_B16C, mask_LL=mask_LL, deterministic=not train)[0]
+
+    if use_remat and not self.is_initializing():
+      call = nn.remat(call, policy=policy, prevent_cse=True)
+    for block, ada_B16C in zip(self.blocks, ada):
+      x_BLC = call(block, x_BLC, ada_B16C)
+    return x_BLC
 
   def decode_scale(self, si: int, x_BlC: jax.Array, cond_BD: jax.Array, ada, cache: KVCache,
                    stacked=None):
