@@ -24,7 +24,7 @@ def get_config():
   c = common.var_config(depth=4, patch_nums=(1, 2, 3, 4, 6, 8))
   c.seed = 0
   c.model.update(dict(embed_dim=128, num_heads=4, num_classes=10, drop_path_rate=0.0,
-                      cond_drop_rate=0.1))
+                      cond_drop_rate=0.1, remat='none'))
   c.vae.update(dict(checkpoint=os.path.normpath(ASSET), vocab_size=256, z_channels=16, ch=32,
                     ch_mult=(1, 1, 2), num_res_blocks=1, using_sa=False, using_mid_sa=True,
                     quant_resi=0.5, share_quant_resi=4, dtype='float32',

@@ -20,7 +20,8 @@ common = import_sibling(__file__, 'common')
 
 def get_config():
   c = common.var_config(depth=2, patch_nums=(1, 2, 3, 4))
-  c.model.update(dict(embed_dim=64, num_heads=2, num_classes=10, drop_path_rate=0.0))
+  c.model.update(dict(embed_dim=64, num_heads=2, num_classes=10, drop_path_rate=0.0,
+                       remat='none'))
   c.init.adaln = 1e-2
   c.vae.update(dict(checkpoint='', vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 1, 2, 2),
                     num_res_blocks=1, using_sa=True, using_mid_sa=True))
