@@ -1,12 +1,24 @@
 """Shared pieces of the var-jax commands: error reporting without tracebacks, var_jax's
-info messages on stderr, and the persistent compilation cache of the console command."""
+info messages on stderr, and the persistent compilation cache of the console command.
+
+Errors (`guarded`): one line `var-jax CMD: error: message` (a second line for a hint),
+exit status 2 for bad arguments (argparse's errors, ValueError), 1 for files that are
+missing, unusable or must not be overwritten (OSError, CheckpointError, `reading`) and for
+anything unexpected, 130 on Ctrl-C, 143 on SIGTERM (raised as an exception, so temporary
+files are removed on the way out). `--debug` or VAR_JAX_DEBUG=1 shows the traceback.
+"""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
 
 USAGE, FAILURE = 2, 1  # exit codes: bad arguments / the job could not be done
+INTERRUPTED, TERMINATED = 130, 143   # Ctrl-C, SIGTERM (128 + signal number)
+DEBUG_ENV = 'VAR_JAX_DEBUG'
+DEBUG_HINT = 'rerun with --debug (or VAR_JAX_DEBUG=1) for the traceback'
 
 
 class CommandError(Exception):
@@ -17,34 +29,111 @@ class CommandError(Exception):
     self.code = code
 
 
-def report(cmd: str, error: BaseException, code: int) -> int:
+class Terminated(BaseException):
+  """SIGTERM, raised in the main thread like KeyboardInterrupt (see `guarded`)."""
+
+
+def debug_mode(args=None) -> bool:
+  """--debug on the command line, or VAR_JAX_DEBUG=1 in the environment."""
+  return bool(getattr(args, 'debug', False)) or os.environ.get(DEBUG_ENV, '') not in ('', '0')
+
+
+def report(cmd: str, error: BaseException | str, code: int, hint: str | None = None) -> int:
   print(f'var-jax {cmd}: error: {error}', file=sys.stderr)
+  if hint:
+    print(hint, file=sys.stderr)
   return code
 
 
-def guarded(cmd: str, fn, args) -> int:
-  """Runs fn(args); known failures become a one-line message and an exit code."""
-  from var_jax.errors import CheckpointError
+@contextlib.contextmanager
+def reading(what: str | None = None):
+  """A file being read: its ValueError / OSError is a bad file (exit 1), not a bad argument."""
   try:
-    return int(fn(args) or 0)
+    yield
+  except CommandError:
+    raise
+  except (ValueError, OSError) as e:
+    text = _os_error(e) if isinstance(e, OSError) else str(e)
+    raise CommandError(f'{what}: {text}' if what else text, FAILURE) from e
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+  """SIGTERM raises Terminated in the main thread (so `finally` blocks clean up), then
+  the previous handler comes back. A no-op outside the main thread."""
+  def handler(signum, frame):
+    del signum, frame
+    raise Terminated()
+  try:
+    old = signal.signal(signal.SIGTERM, handler)
+  except ValueError:   # not the main thread
+    yield
+    return
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, old)
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {text[0] if text else ""}'.rstrip(': ')
+
+
+def _os_error(e: OSError) -> str:
+  """`path: reason` for the system's OSErrors ('[Errno 2] ...' otherwise), our own as raised."""
+  if e.errno is None or not e.strerror:
+    return str(e)
+  return f'{e.filename}: {e.strerror}' if e.filename else e.strerror
+
+
+def guarded(cmd: str, fn, args, *, sigterm: bool = False) -> int:
+  """Runs fn(args); every failure becomes a one-line message and an exit code (see the
+  module docstring). With sigterm=True, SIGTERM is raised as an exception meanwhile. In
+  debug mode exceptions propagate (with their traceback)."""
+  from var_jax.errors import CheckpointError
+  if debug_mode(args):
+    with _sigterm_raises() if sigterm else contextlib.nullcontext():
+      return int(fn(args) or 0)
+  try:
+    with _sigterm_raises() if sigterm else contextlib.nullcontext():
+      return int(fn(args) or 0)
+  except KeyboardInterrupt:
+    return report(cmd, 'interrupted', INTERRUPTED)
+  except Terminated:
+    return report(cmd, 'terminated (SIGTERM)', TERMINATED)
   except CommandError as e:
     return report(cmd, e, e.code)
-  except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
-          CheckpointError) as e:
+  except CheckpointError as e:
     return report(cmd, e, FAILURE)
+  except OSError as e:
+    return report(cmd, _os_error(e), FAILURE)
   except ValueError as e:
     return report(cmd, e, USAGE)
+  except MemoryError:
+    return report(cmd, 'out of memory', FAILURE)
+  except Exception as e:   # a bug or a runtime failure (XLA out of memory, ...)
+    return report(cmd, _one_line(e), FAILURE, DEBUG_HINT)
 
 
 def show_info_logs() -> None:
   """Prints var_jax's info messages (e.g. the attention kernel chosen, a top-k clipped to
-  the vocabulary) to stderr as `var-jax: message`, once per process."""
+  the vocabulary) to stderr as `var-jax: message`, once per process; other libraries'
+  warnings as `var-jax: warning: name: message`. A handler on the root logger also keeps
+  absl from installing logging.basicConfig's (which printed every message twice)."""
   logger = logging.getLogger('var_jax')
   if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter('var-jax: %(message)s'))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+  root = logging.getLogger()
+  if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+    handler = _StderrHandler()
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter('var-jax: warning: %(name)s: %(message)s'))
+    handler.addFilter(lambda r: not (r.name == 'var_jax' or r.name.startswith('var_jax.')))
+    root.addHandler(handler)
 
 
 class _StderrHandler(logging.StreamHandler):
