@@ -46,15 +46,19 @@ def report(cmd: str, error: BaseException | str, code: int, hint: str | None = N
 
 
 @contextlib.contextmanager
-def reading(what: str | None = None):
-  """A file being read: its ValueError / OSError is a bad file (exit 1), not a bad argument."""
+def reading(*paths: str | None):
+  """Files being read: their ValueError / OSError is a bad file (exit 1), not a bad
+  argument; the message names the files given here when it names none of them."""
   try:
     yield
   except CommandError:
     raise
   except (ValueError, OSError) as e:
     text = _os_error(e) if isinstance(e, OSError) else str(e)
-    raise CommandError(f'{what}: {text}' if what else text, FAILURE) from e
+    named = [str(p) for p in paths if p is not None]
+    if named and not any(p in text for p in named):
+      text = f'{", ".join(named)}: {text}'
+    raise CommandError(text, FAILURE) from e
 
 
 @contextlib.contextmanager

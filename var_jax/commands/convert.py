@@ -40,7 +40,7 @@ def _run(args) -> int:
       raise CommandError(f'{flag} file not found: {path}', FAILURE)
   safe_io.check_output(args.out, force=args.force, kind='dir', is_ours=_is_checkpoint)
   from var_jax.pipeline import from_torch
-  with reading():   # a damaged, unsafe or mismatched file
+  with reading(args.vae, args.var, args.config):   # a damaged, unsafe or mismatched file
     pipe = from_torch(args.vae, args.var, config=args.config)
   out = pipe.save(args.out, force=args.force)
   how = f'from {args.config}' if args.config else 'inferred from the weights'
