@@ -271,7 +271,7 @@ def test_unexpected_failures_interrupts_and_sigterm(files, capsys, monkeypatch):
   before = _snapshot(files)
   assert _common.guarded('x', writes_then(KeyboardInterrupt), None) == 130
   old = signal.getsignal(signal.SIGTERM)
-  assert _common.guarded('x', writes_then(signal.SIGTERM), None, sigterm=True) == 143
+  assert _common.guarded('x', writes_then(signal.SIGTERM), None, signals=True) == 143
   assert signal.getsignal(signal.SIGTERM) is old
   assert _common.guarded('x', writes_then(OSError(28, 'No space left on device', 'disk')),
                          None) == 1
@@ -279,6 +279,53 @@ def test_unexpected_failures_interrupts_and_sigterm(files, capsys, monkeypatch):
   assert err == ['var-jax x: error: interrupted', 'var-jax x: error: terminated (SIGTERM)',
                  'var-jax x: error: disk: No space left on device']
   assert _snapshot(files) == before
+
+
+def test_sigterm_waits_for_a_checkpoint_save_then_cleans_up(tmp_path, monkeypatch):
+  """SIGTERM while orbax writes: the save finishes inside safe_io.uninterruptible (its
+  background writers must not outlive the cleanup), then the run stops with 143 and
+  neither the checkpoint nor its temporary folder is left."""
+  import gc
+
+  import orbax.checkpoint as ocp
+
+  import var_jax
+  from var_jax import checkpoint
+  pipe = var_jax.load(DIGITS)
+  real_save = ocp.StandardCheckpointer.save
+
+  def save_with_sigterm(self, *a, **k):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real_save(self, *a, **k)
+  monkeypatch.setattr(ocp.StandardCheckpointer, 'save', save_with_sigterm)
+  target = tmp_path / 'ck'
+  reached = []
+
+  def fn(args):
+    checkpoint.save(target, pipe.config, pipe.vae_params, pipe.var_params)
+    reached.append(1)
+  assert _common.guarded('convert', fn, None, signals=True) == 143
+  assert not reached and list(tmp_path.iterdir()) == []
+
+  # a SIGTERM that lands inside a gc callback (where exceptions are swallowed) still stops
+  fired = []
+
+  def callback(phase, info):
+    if phase == 'start' and not fired:
+      fired.append(1)
+      os.kill(os.getpid(), signal.SIGTERM)
+      fired.append(2)
+
+  def work(args):
+    gc.callbacks.append(callback)
+    try:
+      gc.collect()
+      for _ in range(10**7):
+        pass
+    finally:
+      gc.callbacks.remove(callback)
+    return 0
+  assert _common.guarded('x', work, None, signals=True) == 143 and fired
 
 
 def _dead_pid():

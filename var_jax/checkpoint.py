@@ -126,7 +126,7 @@ def save(directory: str | os.PathLike, config: ModelConfig, vae_params: Any,
          force: bool = False) -> pathlib.Path:
   """Writes a checkpoint to `directory` (refuses a non-empty one unless force)."""
   import orbax.checkpoint as ocp
-  from var_jax.safe_io import sweep_stale
+  from var_jax.safe_io import sweep_stale, uninterruptible
   target = pathlib.Path(directory).absolute()
   sweep_stale(target)   # .NAME.tmp-<pid> / .old-<pid> of a save that was killed
   if target.exists() and not target.is_dir():
@@ -151,16 +151,18 @@ def save(directory: str | os.PathLike, config: ModelConfig, vae_params: Any,
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir()
   try:
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(tmp / PARAMS, tree)
-    ckptr.wait_until_finished()
-    ckptr.close()
+    with uninterruptible():   # a Ctrl-C / SIGTERM of the CLI waits: no background writer
+      ckptr = ocp.StandardCheckpointer()   # may outlive the cleanup below
+      ckptr.save(tmp / PARAMS, tree)
+      ckptr.wait_until_finished()
+      ckptr.close()
     marker['files'] = _file_table(tmp / PARAMS)
     (tmp / CONFIG).write_text(config.to_json() + '\n')
     (tmp / MARKER).write_text(json.dumps(marker, indent=1) + '\n')
-    if target.exists():
-      target.rename(old)
-    tmp.rename(target)
+    with uninterruptible():   # the old checkpoint out, the new one in
+      if target.exists():
+        target.rename(old)
+      tmp.rename(target)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)

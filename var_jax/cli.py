@@ -52,6 +52,7 @@ def main(argv=None) -> int:
       importlib.import_module(module).add_arguments(p)
   args, rest = parser.parse_known_args(argv)
   module = importlib.import_module(COMMANDS[args.command][0])
+  args.console = console
   if console:
     from var_jax.commands._common import enable_compilation_cache
     enable_compilation_cache()

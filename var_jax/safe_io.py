@@ -160,3 +160,33 @@ def check_distinct(paths: Mapping[str, Any]) -> None:
     if key in seen:
       raise ValueError(f'{seen[key]} and {flag} name the same file {p}')
     seen[key] = flag
+
+
+# --- work that must not stop halfway ---------------------------------------------
+
+class _Shield:
+  depth = 0
+  pending: Optional[BaseException] = None
+
+
+@contextlib.contextmanager
+def uninterruptible() -> Iterator[None]:
+  """Holds back the exceptions the command line raises for SIGTERM and Ctrl-C (through
+  `interrupt`) until the block ends: for steps that must not stop halfway, e.g. an orbax
+  save whose background writers would outlive the cleanup of its temporary folder."""
+  _Shield.depth += 1
+  try:
+    yield
+  finally:
+    _Shield.depth -= 1
+    if _Shield.depth == 0 and _Shield.pending is not None:
+      exc, _Shield.pending = _Shield.pending, None
+      raise exc
+
+
+def interrupt(exc: BaseException) -> None:
+  """Raises `exc` now, or when the current `uninterruptible` block ends (signal handlers)."""
+  if _Shield.depth:
+    _Shield.pending = _Shield.pending or exc
+    return
+  raise exc

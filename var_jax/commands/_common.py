@@ -4,8 +4,8 @@ info messages on stderr, and the persistent compilation cache of the console com
 Errors (`guarded`): one line `var-jax CMD: error: message` (a second line for a hint),
 exit status 2 for bad arguments (argparse's errors, ValueError), 1 for files that are
 missing, unusable or must not be overwritten (OSError, CheckpointError, `reading`) and for
-anything unexpected, 130 on Ctrl-C, 143 on SIGTERM (raised as an exception, so temporary
-files are removed on the way out). `--debug` or VAR_JAX_DEBUG=1 shows the traceback.
+anything unexpected, 130 on Ctrl-C, 143 on SIGTERM (both raised as exceptions, held back
+inside safe_io.uninterruptible steps, so temporary files are removed on the way out). `--debug` or VAR_JAX_DEBUG=1 shows the traceback.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 USAGE, FAILURE = 2, 1  # exit codes: bad arguments / the job could not be done
 INTERRUPTED, TERMINATED = 130, 143   # Ctrl-C, SIGTERM (128 + signal number)
@@ -61,22 +62,49 @@ def reading(*paths: str | None):
     raise CommandError(text, FAILURE) from e
 
 
+_SIGNALS_ACTIVE = []   # the signals raised as exceptions right now (see _signals_raise)
+
+
+def _on_signal(signum, frame):
+  del frame
+  from var_jax.safe_io import interrupt
+  interrupt(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
+
+
+def _resend_swallowed(unraisable) -> None:
+  """sys.unraisablehook: an exception raised by _on_signal inside a gc callback or a
+  __del__ is swallowed there; the signal is sent again (from a thread, a moment later:
+  once that callback is over) so that it still stops the run."""
+  exc = unraisable.exc_value
+  if _SIGNALS_ACTIVE and isinstance(exc, (Terminated, KeyboardInterrupt)):
+    signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+    threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+    return
+  _resend_swallowed.previous(unraisable)
+
+
 @contextlib.contextmanager
-def _sigterm_raises():
-  """SIGTERM raises Terminated in the main thread (so `finally` blocks clean up), then
-  the previous handler comes back. A no-op outside the main thread."""
-  def handler(signum, frame):
-    del signum, frame
-    raise Terminated()
+def _signals_raise():
+  """SIGTERM raises Terminated and Ctrl-C KeyboardInterrupt in the main thread (so that
+  `finally` blocks remove temporary files), held back inside safe_io.uninterruptible
+  blocks; the previous handlers come back afterwards. A no-op outside the main thread."""
   try:
-    old = signal.signal(signal.SIGTERM, handler)
+    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, _on_signal)}
   except ValueError:   # not the main thread
     yield
     return
+  if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    old[signal.SIGINT] = signal.signal(signal.SIGINT, _on_signal)
+  if sys.unraisablehook is not _resend_swallowed:
+    _resend_swallowed.previous = sys.unraisablehook
+    sys.unraisablehook = _resend_swallowed
+  _SIGNALS_ACTIVE.append(True)
   try:
     yield
   finally:
-    signal.signal(signal.SIGTERM, old)
+    _SIGNALS_ACTIVE.pop()
+    for signum, handler in old.items():
+      signal.signal(signum, handler)
 
 
 def _one_line(e: BaseException) -> str:
@@ -91,33 +119,50 @@ def _os_error(e: OSError) -> str:
   return f'{e.filename}: {e.strerror}' if e.filename else e.strerror
 
 
-def guarded(cmd: str, fn, args, *, sigterm: bool = False) -> int:
-  """Runs fn(args); every failure becomes a one-line message and an exit code (see the
-  module docstring). With sigterm=True, SIGTERM is raised as an exception meanwhile. In
-  debug mode exceptions propagate (with their traceback)."""
+def describe(e: BaseException):
+  """(exit status, one-line message, hint or None) for an exception a command raised."""
   from var_jax.errors import CheckpointError
-  if debug_mode(args):
-    with _sigterm_raises() if sigterm else contextlib.nullcontext():
-      return int(fn(args) or 0)
+  if isinstance(e, KeyboardInterrupt):
+    return INTERRUPTED, 'interrupted', None
+  if isinstance(e, Terminated):
+    return TERMINATED, 'terminated (SIGTERM)', None
+  if isinstance(e, CommandError):
+    return e.code, str(e), None
+  if isinstance(e, CheckpointError):
+    return FAILURE, str(e), None
+  if isinstance(e, OSError):
+    return FAILURE, _os_error(e), None
+  if isinstance(e, ValueError):
+    return USAGE, str(e), None
+  if isinstance(e, MemoryError):
+    return FAILURE, 'out of memory', None
+  return FAILURE, _one_line(e), DEBUG_HINT   # a bug or a runtime failure (XLA, ...)
+
+
+def _quiet_third_party() -> None:
+  """After an error the console command says one line: what other libraries' threads
+  log or raise on the way out (orbax's background savers, absl warnings, asyncio's
+  "Event loop is closed") is noise. The console process exits right after."""
+  logging.getLogger('absl').setLevel(logging.CRITICAL + 1)
+  sys.unraisablehook = lambda unraisable: None
+  threading.excepthook = lambda args: None
+
+
+def guarded(cmd: str, fn, args, *, signals: bool = False) -> int:
+  """Runs fn(args); every failure becomes a one-line message and an exit code (see the
+  module docstring). With signals=True, SIGTERM and Ctrl-C are raised as exceptions
+  that safe_io.uninterruptible blocks hold back (see _signals_raise). In debug mode
+  exceptions propagate (with their traceback)."""
   try:
-    with _sigterm_raises() if sigterm else contextlib.nullcontext():
+    with _signals_raise() if signals else contextlib.nullcontext():
       return int(fn(args) or 0)
-  except KeyboardInterrupt:
-    return report(cmd, 'interrupted', INTERRUPTED)
-  except Terminated:
-    return report(cmd, 'terminated (SIGTERM)', TERMINATED)
-  except CommandError as e:
-    return report(cmd, e, e.code)
-  except CheckpointError as e:
-    return report(cmd, e, FAILURE)
-  except OSError as e:
-    return report(cmd, _os_error(e), FAILURE)
-  except ValueError as e:
-    return report(cmd, e, USAGE)
-  except MemoryError:
-    return report(cmd, 'out of memory', FAILURE)
-  except Exception as e:   # a bug or a runtime failure (XLA out of memory, ...)
-    return report(cmd, _one_line(e), FAILURE, DEBUG_HINT)
+  except (Exception, KeyboardInterrupt, Terminated) as e:
+    if debug_mode(args):
+      raise
+    if getattr(args, 'console', False):   # set by cli.main for the console command
+      _quiet_third_party()
+    code, message, hint = describe(e)
+    return report(cmd, message, code, hint)
 
 
 def show_info_logs() -> None:

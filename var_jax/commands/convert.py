@@ -49,4 +49,4 @@ def _run(args) -> int:
 
 
 def run(args) -> int:
-  return guarded('convert', _run, args, sigterm=True)
+  return guarded('convert', _run, args, signals=True)

@@ -55,4 +55,4 @@ def _run(args) -> int:
 
 
 def run(args) -> int:
-  return guarded('demo', _run, args, sigterm=True)
+  return guarded('demo', _run, args, signals=True)

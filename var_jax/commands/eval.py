@@ -96,4 +96,4 @@ def _run(args) -> int:
 
 
 def run(args) -> int:
-  return guarded('eval', _run, args, sigterm=True)
+  return guarded('eval', _run, args, signals=True)

@@ -66,4 +66,4 @@ def _run(args) -> int:
 
 
 def run(args) -> int:
-  return guarded('reconstruct', _run, args, sigterm=True)
+  return guarded('reconstruct', _run, args, signals=True)

@@ -248,4 +248,4 @@ def _write_outputs(args, io_utils, images, tokens):
 
 
 def run(args) -> int:
-  return guarded('sample', _run, args, sigterm=True)
+  return guarded('sample', _run, args, signals=True)
