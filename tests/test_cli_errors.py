@@ -362,6 +362,23 @@ def test_sweep_removes_only_stale_temporaries_of_that_name(tmp_path):
   assert sorted(p.name for p in parts.iterdir()) == ['chunk_000000.npz', 'manifest.json']
 
 
+def test_commands_sweep_what_killed_runs_left(files, no_model, capsys):
+  """The output checks (before any model loads) remove a killed run's temporaries of
+  those very outputs, and nothing else."""
+  dead = _dead_pid()
+  stale = [files / f'.g.png.tmp{dead}', files / f'.s.npz.tmp{dead}', files / f'.ck.tmp-{dead}']
+  for p in stale[:2]:
+    p.write_bytes(b'partial')
+  stale[2].mkdir()
+  kept = files / f'.unrelated.npz.tmp{dead}'
+  kept.write_bytes(b'1')
+  code, _, err = run(S + LAB + ['--out', files / 'g.png', '--npz-out', files / 's.npz'], capsys)
+  assert code == 1 and 'a model was loaded' in err   # all checks passed, then the load
+  code, _, err = run(['convert', '--vae', files / 'garbage.pth', '--out', files / 'ck'], capsys)
+  assert code == 1 and 'not a readable torch zip' in err
+  assert not any(p.exists() for p in stale) and kept.exists()
+
+
 def test_sweep_puts_back_a_checkpoint_caught_mid_replacement(tmp_path):
   """Killed between the two renames of checkpoint.save(force=True): the old checkpoint
   is in .NAME.old-<pid>, the target is missing; the next run puts the old one back."""
