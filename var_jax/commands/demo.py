@@ -4,7 +4,6 @@ Loads the digits checkpoint shipped in the package (var_jax/assets/digits), draw
 --per-class samples of each of the 10 classes with the shipped sampling defaults,
 and writes DIR/grid.png (a row per class) and DIR/samples.npz (images: uint8 NHWC,
 labels: int32). See var_jax.demo and README.md ("The embedded digits model").
-Those files are checked before sampling: existing ones are replaced only with --force.
 """
 from __future__ import annotations
 
@@ -17,21 +16,12 @@ OUTPUTS = {'sample': ('grid.png', 'samples.npz'), 'edit': ('edit_grid.png', 'edi
 
 def add_arguments(parser):
   parser.add_argument('--out', default='var_jax_demo', help='output folder (default: ./var_jax_demo)')
+  parser.add_argument('--force', action='store_true', help='replace the files of an earlier run')
   parser.add_argument('--per-class', type=int, default=None, help='samples per class (default 10)')
   parser.add_argument('--cfg', type=float, default=None, help='guidance scale (default: shipped)')
   parser.add_argument('--top-k', type=int, default=None, help='top-k filter, 0 off (default: shipped)')
   parser.add_argument('--top-p', type=float, default=None, help='nucleus filter, 0 off (default: shipped)')
   parser.add_argument('--seed', type=int, default=None, help='sampling seed (default 0)')
-  parser.add_argument('--force', action='store_true', help='replace the files of an earlier run')
-
-
-def _check_outputs(args) -> None:
-  """--out is a folder (new or existing); the files this run writes there must be new."""
-  import os
-  from var_jax import safe_io
-  safe_io.check_output(args.out, kind='into')
-  for name in OUTPUTS['edit' if getattr(args, 'edit', False) else 'sample']:
-    safe_io.check_output(os.path.join(args.out, name), force=args.force, flag='--out')
 
 
 def _run(args) -> int:
@@ -52,6 +42,16 @@ def _run(args) -> int:
   print(f'wrote {paths["grid"]} (one row per digit 0-9) and {paths["samples"]} '
         f'(images: uint8 NHWC, labels: int32) in {time.perf_counter() - t0:.1f}s')
   return 0
+
+
+def _check_outputs(args) -> None:
+  """--out is a folder (new or existing); the files this run writes there must be new
+  (or --force): checked before anything is sampled."""
+  import os
+  from var_jax import safe_io
+  safe_io.check_output(args.out, kind='into')
+  for name in OUTPUTS['edit' if getattr(args, 'edit', False) else 'sample']:
+    safe_io.check_output(os.path.join(args.out, name), force=args.force, flag='--out')
 
 
 def run(args) -> int:
