@@ -65,6 +65,37 @@ def test_npz_is_resumable(ckpt, tmp_path):
     assert ta['idx_3'].shape == (10, 16)
 
 
+def test_npz_out_keeps_user_files_and_replaces_only_its_own(ckpt, tmp_path, monkeypatch):
+  """An existing --npz-out is the user's: refused before sampling. A run killed while
+  writing its final outputs (after the .npz, before its parts folder went) is resumed by
+  the same command, which replaces those outputs of its own; once finished, they are
+  the user's again (--force replaces them)."""
+  common = ['--labels', '1,2,3', '--batch-size', 2, '--top-k', 5, '--top-p', 0, '--seed', 1]
+  npz, grid, tok = tmp_path / 's.npz', tmp_path / 's.png', tmp_path / 't.npz'
+  parts = tmp_path / 's.npz.parts'
+  outs = ['--out', grid, '--npz-out', npz, '--tokens-out', tok]
+  npz.write_bytes(b'mine')
+  assert sample(ckpt, *common, *outs) == 1
+  assert npz.read_bytes() == b'mine' and not parts.exists() and not grid.exists()
+  npz.unlink()
+
+  def killed(self):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(io_utils.ChunkedRun, 'cleanup', killed)
+  assert sample(ckpt, *common, *outs) == 130
+  assert npz.is_file() and grid.is_file() and tok.is_file() and parts.is_dir()
+  with np.load(npz) as z:
+    first = z['arr_0']
+  monkeypatch.undo()
+  assert sample(ckpt, *common, *outs) == 0
+  assert not parts.exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['s.npz', 's.png', 't.npz']  # no temporaries
+  with np.load(npz) as z:
+    np.testing.assert_array_equal(z['arr_0'], first)
+  assert sample(ckpt, *common, *outs) == 1
+  assert sample(ckpt, *common, *outs, '--force') == 0 and not parts.exists()
+
+
 def test_reconstruct(ckpt, tmp_path):
   fx = get_fixture(FX)
   paths = []

@@ -125,7 +125,7 @@ def test_bad_sample_files_are_one_line_errors(light, tmp_path, capsys, arrays, p
   np.savez(bad, **arrays)
   rc = cli.main(['eval', '--samples', str(bad), '--ref', str(files / 'ref.npz'),
                  '--inception', str(files / 'inception.pth'), '--out', str(tmp_path / 'm.json')])
-  _one_line_error(capsys, 2, rc, pattern)
+  _one_line_error(capsys, 1, rc, pattern)
   assert not (tmp_path / 'm.json').exists()
 
 
@@ -135,7 +135,7 @@ def test_missing_inputs_are_one_line_errors(light, tmp_path, capsys, monkeypatch
   _one_line_error(capsys, 1, cli.main(base + ['--samples', str(tmp_path / 'none.npz')]),
                   'file not found')
   (tmp_path / 'text.npz').write_text('not a zip')
-  _one_line_error(capsys, 2, cli.main(base + ['--samples', str(tmp_path / 'text.npz')]),
+  _one_line_error(capsys, 1, cli.main(base + ['--samples', str(tmp_path / 'text.npz')]),
                   'is not an .npz file')
   rc = cli.main(['eval', '--samples', str(files / 'samples.npz'), '--ref', str(files / 'ref.npz'),
                  '--inception', str(tmp_path / 'pt_inception.pth')])
@@ -146,7 +146,7 @@ def test_missing_inputs_are_one_line_errors(light, tmp_path, capsys, monkeypatch
   monkeypatch.setattr(inception, 'load', lambda path, dtype=None: _FakeNet())
   rc = cli.main(['eval', '--samples', str(files / 'samples.npz'), '--ref', str(files / 'ref.npz'),
                  '--inception', str(files / 'inception.pth'), '--ref-stats', 'stored'])
-  _one_line_error(capsys, 2, rc, 'holds no precomputed mu/sigma/mu_s/sigma_s')
+  _one_line_error(capsys, 1, rc, 'holds no precomputed mu/sigma/mu_s/sigma_s')
 
 
 def test_truncated_npz_is_refused_before_any_work(tmp_path):

@@ -12,7 +12,8 @@ exports back to the identical .pth files; derived buffers are regenerated.
 
 Saving never overwrites a non-empty directory unless force=True, and then
 writes a complete new checkpoint beside it before swapping it in, so an
-interrupted save leaves the old one intact. The marker lists every file under
+interrupted save leaves the old one intact (what a killed save left beside the
+target is swept, or moved back, by the next save: var_jax.safe_io.sweep_stale). The marker lists every file under
 params/ with its size and CRC-32. Restoring checks those first (a truncated,
 overwritten or missing file is named before orbax reads anything), builds the
 expected tree from the config (`jax.eval_shape`, nothing allocated), checks every
@@ -125,7 +126,9 @@ def save(directory: str | os.PathLike, config: ModelConfig, vae_params: Any,
          force: bool = False) -> pathlib.Path:
   """Writes a checkpoint to `directory` (refuses a non-empty one unless force)."""
   import orbax.checkpoint as ocp
+  from var_jax.safe_io import sweep_stale, uninterruptible
   target = pathlib.Path(directory).absolute()
+  sweep_stale(target)   # .NAME.tmp-<pid> / .old-<pid> of a save that was killed
   if target.exists() and not target.is_dir():
     raise FileExistsError(f'{target} exists and is not a directory')
   if target.is_dir() and any(target.iterdir()) and not force:
@@ -148,16 +151,18 @@ def save(directory: str | os.PathLike, config: ModelConfig, vae_params: Any,
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir()
   try:
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(tmp / PARAMS, tree)
-    ckptr.wait_until_finished()
-    ckptr.close()
+    with uninterruptible():   # a Ctrl-C / SIGTERM of the CLI waits: no background writer
+      ckptr = ocp.StandardCheckpointer()   # may outlive the cleanup below
+      ckptr.save(tmp / PARAMS, tree)
+      ckptr.wait_until_finished()
+      ckptr.close()
     marker['files'] = _file_table(tmp / PARAMS)
     (tmp / CONFIG).write_text(config.to_json() + '\n')
     (tmp / MARKER).write_text(json.dumps(marker, indent=1) + '\n')
-    if target.exists():
-      target.rename(old)
-    tmp.rename(target)
+    with uninterruptible():   # the old checkpoint out, the new one in
+      if target.exists():
+        target.rename(old)
+      tmp.rename(target)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)

@@ -7,6 +7,10 @@ imported only when its subcommand is used, so `var-jax demo` never pays for the
 trainer's imports. Run as the console command, jax's persistent compilation cache
 is on (commands._common.enable_compilation_cache: ~/.cache/var_jax/jax_cache, or
 $VAR_JAX_COMPILATION_CACHE; =off disables it), so a second run skips compiling.
+
+Errors are one line (a second for a hint), exit status 2 for bad arguments and 1 for
+bad or protected files, without a traceback unless --debug (any command) or
+VAR_JAX_DEBUG=1; see commands._common.guarded.
 """
 from __future__ import annotations
 
@@ -26,25 +30,37 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse with a two-line error: the message, then where the options are listed
+  (instead of the whole usage text); exit status 2."""
+
+  def error(self, message):
+    self.exit(2, f'{self.prog}: error: {message}\n(`{self.prog} --help` lists the options)\n')
+
+
 def main(argv=None) -> int:
   console = argv is None      # the console command (library callers pass argv)
   argv = sys.argv[1:] if argv is None else argv
-  parser = argparse.ArgumentParser(prog='var-jax', description=__doc__.splitlines()[0])
+  parser = _Parser(prog='var-jax', description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
   name = next((a for a in argv if not a.startswith('-')), None)
+  parsers = {}
   for cmd, (module, help_) in COMMANDS.items():
-    p = sub.add_parser(cmd, help=help_)
+    p = parsers[cmd] = sub.add_parser(cmd, help=help_, conflict_handler='resolve')
     if cmd == name:  # import only the command being run
+      p.add_argument('--debug', action='store_true',
+                     help='show the traceback of an error (also VAR_JAX_DEBUG=1)')
       importlib.import_module(module).add_arguments(p)
   args, rest = parser.parse_known_args(argv)
   module = importlib.import_module(COMMANDS[args.command][0])
+  args.console = console
   if console:
     from var_jax.commands._common import enable_compilation_cache
     enable_compilation_cache()
   if getattr(module, 'ACCEPTS_OVERRIDES', False):  # e.g. --config.lr=3e-4
     args.overrides = rest
   elif rest:
-    parser.error(f'unrecognized arguments: {" ".join(rest)}')
+    parsers[args.command].error(f'unrecognized arguments: {" ".join(rest)}')
   return int(module.run(args) or 0)
 
 

@@ -1,5 +1,6 @@
 """Image and array files for the command line: PNG grids, token npz files, and
-resumable chunked output for large sampling runs.
+resumable chunked output for large sampling runs. Every file is written through
+var_jax.safe_io.atomic_write (complete under its name, or absent).
 
 `ChunkedRun` keeps the finished chunks of a long job in a sidecar folder
 `<out>.parts/` (one `chunk_NNNNNN.npz` per batch, each written to a temporary
@@ -20,6 +21,8 @@ import zipfile
 from typing import Any, Callable, Dict, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from var_jax.safe_io import atomic_write, sweep_stale
 
 
 # --- images ----------------------------------------------------------------------
@@ -49,10 +52,10 @@ def make_grid(images_BHWC: np.ndarray, nrow: int = 8, padding: int = 2, pad_valu
 
 
 def save_png(path: str | os.PathLike, image_HWC: np.ndarray) -> None:
+  """A PNG at `path`, atomically (never a partial image under that name)."""
   from PIL import Image
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(np.asarray(image_HWC, np.uint8)).save(path, format='PNG')
+  with atomic_write(path) as f:
+    Image.fromarray(np.asarray(image_HWC, np.uint8)).save(f, format='PNG')
 
 
 def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
@@ -80,12 +83,8 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
 
 def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
   """np.savez to `path` exactly (no '.npz' appended), atomically."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-  with open(tmp, 'wb') as f:
+  with atomic_write(path) as f:
     np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-  os.replace(tmp, path)
 
 
 def tokens_to_arrays(tokens: Sequence[Any]) -> Dict[str, np.ndarray]:
@@ -96,12 +95,10 @@ def tokens_to_arrays(tokens: Sequence[Any]) -> Dict[str, np.ndarray]:
 def write_npz_streaming(path: str | os.PathLike, name: str, shape: Sequence[int], dtype: Any,
                         parts: Iterable[np.ndarray]) -> None:
   """Writes an .npz holding one array `name` of `shape`, from row blocks streamed in order."""
-  path = pathlib.Path(path)
   dtype = np.dtype(dtype)
-  tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
   rows = 0
-  try:
-    with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED, allowZip64=True) as zf:
+  with atomic_write(path) as fh:
+    with zipfile.ZipFile(fh, 'w', zipfile.ZIP_STORED, allowZip64=True) as zf:
       with zf.open(f'{name}.npy', 'w', force_zip64=True) as f:
         np.lib.format.write_array_header_2_0(
             f, {'descr': np.lib.format.dtype_to_descr(dtype), 'fortran_order': False,
@@ -114,31 +111,67 @@ def write_npz_streaming(path: str | os.PathLike, name: str, shape: Sequence[int]
           rows += part.shape[0]
     if rows != shape[0]:
       raise ValueError(f'streamed {rows} rows, expected {shape[0]}')
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
 
 
 class ChunkedRun:
-  """Finished chunks of a long job under `<out>.parts/`, resumable after interruption."""
+  """Finished chunks of a long job under `<out>.parts/`, resumable after interruption.
 
-  def __init__(self, out_path: str | os.PathLike, manifest: Mapping[str, Any]):
+  The folder is known as this job's own by its manifest.json: the same settings resume,
+  other settings are refused, and a folder without a manifest that holds anything is
+  never touched. Before writing its final outputs a run lists them in outputs.json, so a
+  rerun after a kill during that last step may replace those (its own) files.
+  """
+  MANIFEST, OUTPUTS = 'manifest.json', 'outputs.json'
+
+  def __init__(self, out_path: str | os.PathLike, manifest: Mapping[str, Any], *,
+               create: bool = True):
     self.out = pathlib.Path(out_path)
     self.dir = self.out.with_name(self.out.name + '.parts')
     self.manifest = json.loads(json.dumps(dict(manifest)))  # normalised (tuples -> lists)
-    mf = self.dir / 'manifest.json'
-    if mf.is_file():
-      old = json.loads(mf.read_text())
-      if old != self.manifest:
-        diff = sorted(k for k in set(old) | set(self.manifest) if old.get(k) != self.manifest.get(k))
-        raise ValueError(f'{self.dir} holds chunks of a run with other settings ({", ".join(diff)}); '
-                         'rerun with the same arguments to resume, or delete that folder')
-    else:
+    self.resuming = self._check()
+    if create:
       self.dir.mkdir(parents=True, exist_ok=True)
-      tmp = self.dir / f'.manifest.tmp{os.getpid()}'
-      tmp.write_text(json.dumps(self.manifest, indent=1, sort_keys=True))
-      os.replace(tmp, mf)
+      sweep_stale(self.dir, inside=True)
+      if not self.resuming:
+        with atomic_write(self.dir / self.MANIFEST, 'w') as f:
+          json.dump(self.manifest, f, indent=1, sort_keys=True)
+
+  def _check(self) -> bool:
+    """True when the folder holds chunks of this very run; raises when it is not ours."""
+    if not os.path.lexists(self.dir):
+      return False
+    if not self.dir.is_dir():
+      raise FileExistsError(f'{self.dir} exists and is not a folder; move it away')
+    mf = self.dir / self.MANIFEST
+    if not mf.is_file():
+      if any(self.dir.iterdir()):
+        raise FileExistsError(f'{self.dir} is not a folder of chunks (no {self.MANIFEST}); '
+                              'refusing to write into it: move it away')
+      return False
+    try:
+      old = json.loads(mf.read_text())
+    except (ValueError, UnicodeDecodeError):
+      raise FileExistsError(f'{mf} is unreadable; move {self.dir} away') from None
+    if old != self.manifest:
+      diff = sorted(k for k in set(old) | set(self.manifest) if old.get(k) != self.manifest.get(k))
+      raise ValueError(f'{self.dir} holds chunks of a run with other settings ({", ".join(diff)}); '
+                       'rerun with the same arguments to resume, or delete that folder')
+    return True
+
+  def claims(self, path: str | os.PathLike | None) -> bool:
+    """Whether `path` is a final output this run began to write (see `claim`)."""
+    f = self.dir / self.OUTPUTS
+    if path is None or not self.resuming or not f.is_file():
+      return False
+    try:
+      return os.path.abspath(path) in json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError):
+      return False
+
+  def claim(self, paths: Iterable[str | os.PathLike | None]) -> None:
+    """Records the final outputs about to be written (before writing them)."""
+    with atomic_write(self.dir / self.OUTPUTS, 'w') as f:
+      json.dump(sorted(os.path.abspath(p) for p in paths if p), f, indent=1)
 
   def path(self, i: int) -> pathlib.Path:
     return self.dir / f'chunk_{i:06d}.npz'

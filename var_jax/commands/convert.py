@@ -4,11 +4,15 @@
 
 The model config is inferred from the state dicts' shapes (release conventions;
 see var_jax.convert.infer) unless --config gives a config.json. Every key and
-shape is checked; the target directory is never overwritten without --force.
+shape is checked. The inputs and --out are checked before any weights are read:
+--out must be new or an empty folder; --force replaces a var-jax checkpoint there
+(written beside it, then swapped in), never any other folder.
 """
 from __future__ import annotations
 
-from var_jax.commands._common import guarded
+import os
+
+from var_jax.commands._common import FAILURE, CommandError, guarded, reading
 
 
 def add_arguments(parser):
@@ -17,15 +21,27 @@ def add_arguments(parser):
   parser.add_argument('--config', default=None,
                       help='config.json (fixtures layout); default: inferred from the weights')
   parser.add_argument('--out', required=True, help='checkpoint directory to write')
-  parser.add_argument('--force', action='store_true', help='replace a non-empty --out directory')
+  parser.add_argument('--force', action='store_true', help='replace a var-jax checkpoint at --out')
+
+
+def _is_checkpoint(path) -> bool:
+  from var_jax.checkpoint import MARKER
+  return (path / MARKER).is_file()
 
 
 def _run(args) -> int:
-  import os
-  if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:  # fail before the work
-    raise FileExistsError(f'{args.out} is not empty; choose a new directory or pass --force')
+  from var_jax import safe_io
+  for flag, path in (('--vae', args.vae), ('--var', args.var), ('--config', args.config)):
+    if path is None:
+      continue
+    if os.path.isdir(path):
+      raise CommandError(f'{flag} {path} is a folder; give the file', FAILURE)
+    if not os.path.isfile(path):
+      raise CommandError(f'{flag} file not found: {path}', FAILURE)
+  safe_io.check_output(args.out, force=args.force, kind='dir', is_ours=_is_checkpoint)
   from var_jax.pipeline import from_torch
-  pipe = from_torch(args.vae, args.var, config=args.config)
+  with reading(args.vae, args.var, args.config):   # a damaged, unsafe or mismatched file
+    pipe = from_torch(args.vae, args.var, config=args.config)
   out = pipe.save(args.out, force=args.force)
   how = f'from {args.config}' if args.config else 'inferred from the weights'
   print(f'{pipe} (config {how}) -> {out}')
@@ -33,4 +49,4 @@ def _run(args) -> int:
 
 
 def run(args) -> int:
-  return guarded('convert', _run, args)
+  return guarded('convert', _run, args, signals=True)

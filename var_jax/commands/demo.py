@@ -11,9 +11,12 @@ import time
 
 from var_jax.commands._common import USAGE, CommandError, guarded, show_info_logs
 
+OUTPUTS = {'sample': ('grid.png', 'samples.npz'), 'edit': ('edit_grid.png', 'edits.npz')}
+
 
 def add_arguments(parser):
   parser.add_argument('--out', default='var_jax_demo', help='output folder (default: ./var_jax_demo)')
+  parser.add_argument('--force', action='store_true', help='replace the files of an earlier run')
   parser.add_argument('--per-class', type=int, default=None, help='samples per class (default 10)')
   parser.add_argument('--cfg', type=float, default=None, help='guidance scale (default: shipped)')
   parser.add_argument('--top-k', type=int, default=None, help='top-k filter, 0 off (default: shipped)')
@@ -24,6 +27,13 @@ def add_arguments(parser):
 def _run(args) -> int:
   if args.per_class is not None and args.per_class < 1:
     raise CommandError(f'--per-class must be >= 1, got {args.per_class}', USAGE)
+  if args.seed is not None and not 0 <= args.seed < 2**31:
+    raise CommandError(f'--seed must be in [0, {2**31 - 1}], got {args.seed}', USAGE)
+  from var_jax.sampling_args import check_sampling_args
+  check_sampling_args(0.0 if args.cfg is None else args.cfg, args.top_k or 0,
+                      0.0 if args.top_p is None else args.top_p,
+                      names={'cfg': '--cfg', 'top_k': '--top-k', 'top_p': '--top-p'})
+  _check_outputs(args)
   show_info_logs()
   from var_jax import demo
   t0 = time.perf_counter()
@@ -34,5 +44,15 @@ def _run(args) -> int:
   return 0
 
 
+def _check_outputs(args) -> None:
+  """--out is a folder (new or existing); the files this run writes there must be new
+  (or --force): checked before anything is sampled."""
+  import os
+  from var_jax import safe_io
+  safe_io.check_output(args.out, kind='into')
+  for name in OUTPUTS['edit' if getattr(args, 'edit', False) else 'sample']:
+    safe_io.check_output(os.path.join(args.out, name), force=args.force, flag='--out')
+
+
 def run(args) -> int:
-  return guarded('demo', _run, args)
+  return guarded('demo', _run, args, signals=True)

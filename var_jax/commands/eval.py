@@ -11,13 +11,15 @@ which the user downloads once. The reference features and statistics are cached 
 reference statistics are recomputed from arr_0 with this network; --ref-stats stored
 uses a reference batch's precomputed mu/sigma/mu_s/sigma_s (TensorFlow's graph, over the
 whole data set); with both, metrics.json also compares them (stored_vs_recomputed).
+Every input is checked before the network loads; an existing --out is replaced only
+with --force. Unusable input files are exit status 1, bad arguments 2.
 """
 from __future__ import annotations
 
 import json
 import os
 
-from var_jax.commands._common import FAILURE, USAGE, CommandError, guarded
+from var_jax.commands._common import FAILURE, USAGE, CommandError, guarded, reading
 
 
 def add_arguments(parser):
@@ -43,22 +45,21 @@ def add_arguments(parser):
 def _check_args(args) -> None:
   if args.batch_size < 1:
     raise CommandError(f'--batch-size must be >= 1, got {args.batch_size}', USAGE)
-  for flag, path in (('--samples', args.samples), ('--ref', args.ref)):
-    if not os.path.isfile(path):
-      raise CommandError(f'{flag} file not found: {path}', FAILURE)
-  if args.out and os.path.exists(args.out) and not args.force:
-    raise CommandError(f'{args.out} exists; refusing to overwrite it (pass --force)', FAILURE)
-  if args.out and os.path.isdir(args.out):
-    raise CommandError(f'--out {args.out} is a directory', USAGE)
+  for flag, path in (('--samples', args.samples), ('--ref', args.ref),
+                     ('--inception', args.inception)):
+    if os.path.isdir(path):
+      raise CommandError(f'{flag} {path} is a folder; give the file', FAILURE)
+    if flag != '--inception' and not os.path.isfile(path):   # inception.load says where
+      raise CommandError(f'{flag} file not found: {path}', FAILURE)   # to download it
+  from var_jax import safe_io
+  safe_io.check_output(args.out, force=args.force, flag='--out')
 
 
 def _write_json(path: str, metrics) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f'.{os.path.basename(path)}.tmp{os.getpid()}')
-  with open(tmp, 'w') as f:
+  from var_jax.safe_io import atomic_write
+  with atomic_write(path, 'w') as f:
     json.dump(metrics, f, indent=1)
     f.write('\n')
-  os.replace(tmp, path)
 
 
 def _run(args) -> int:
@@ -66,16 +67,22 @@ def _run(args) -> int:
   from var_jax.eval import evaluate as ev
   from var_jax.eval import inception
   from var_jax.eval.npz import NpzImages
-  for path in (args.samples, args.ref):  # bad inputs fail before the network loads
-    NpzImages(path).close()
+  with reading():   # bad inputs fail before the network loads, as exit status 1
+    for path in (args.samples, args.ref):
+      NpzImages(path).close()
   import jax.numpy as jnp
-  net = inception.load(args.inception, dtype=jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32)
+  with reading():
+    net = inception.load(args.inception,
+                         dtype=jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32)
   cache_dir = None if args.no_cache else os.path.dirname(os.path.abspath(args.out or args.samples))
   if cache_dir:
     os.makedirs(cache_dir, exist_ok=True)
-  metrics = ev.evaluate(net, args.samples, args.ref, cache_dir=cache_dir, ref_stats=args.ref_stats,
-                        batch_size=args.batch_size, progress=not args.no_progress,
-                        sqrtm=args.sqrtm)
+    from var_jax.safe_io import sweep_stale
+    sweep_stale(ev.cache_path(cache_dir, args.ref))   # a killed run's temporary cache file
+  with reading():   # a truncated batch, a --ref-stats stored file without statistics
+    metrics = ev.evaluate(net, args.samples, args.ref, cache_dir=cache_dir,
+                          ref_stats=args.ref_stats, batch_size=args.batch_size,
+                          progress=not args.no_progress, sqrtm=args.sqrtm)
   for key in ('fid', 'sfid', 'is', 'is_std', 'precision', 'recall'):
     print(f'{key:>10}: {metrics[key]:.4f}')
   print(f'{"images":>10}: {metrics["n_samples"]} samples, {metrics["n_ref"]} reference '
@@ -89,4 +96,4 @@ def _run(args) -> int:
 
 
 def run(args) -> int:
-  return guarded('eval', _run, args)
+  return guarded('eval', _run, args, signals=True)

@@ -4,13 +4,14 @@
 
 Each image is resized (shorter side, Lanczos) and centre-cropped to the model's
 size. The grid shows the inputs on one row and their reconstructions below
-(groups of 8); --tokens-out saves the token maps idx_0..idx_{K-1}.
+(groups of 8); --tokens-out saves the token maps idx_0..idx_{K-1}. Inputs and outputs
+are checked before the model loads; an existing output is replaced only with --force.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from var_jax.commands._common import FAILURE, USAGE, CommandError, guarded
+from var_jax.commands._common import FAILURE, USAGE, CommandError, guarded, reading
 
 
 def add_arguments(parser):
@@ -18,23 +19,31 @@ def add_arguments(parser):
   parser.add_argument('--images', nargs='+', required=True, help='image files (any PIL format)')
   parser.add_argument('--out', required=True, help='PNG grid: inputs above reconstructions')
   parser.add_argument('--tokens-out', default=None, help='npz of token maps idx_0..idx_{K-1}')
-  parser.add_argument('--batch-size', type=int, default=16)
+  parser.add_argument('--batch-size', type=int, default=16, help='images per encoder call')
+  parser.add_argument('--force', action='store_true', help='replace existing output files')
 
 
 def _run(args) -> int:
   import os
+  from var_jax import checkpoint, io_utils, safe_io
+  from var_jax.commands.sample import check_checkpoint_dir
   if args.batch_size < 1:
-    raise CommandError('--batch-size must be >= 1', USAGE)
-  if not os.path.isdir(args.checkpoint):
-    raise CommandError(f'checkpoint directory not found: {args.checkpoint}', FAILURE)
-  from var_jax import io_utils
-  from var_jax.pipeline import load
-  pipe = load(args.checkpoint)
-  size = pipe.config.image_size
+    raise CommandError(f'--batch-size must be >= 1, got {args.batch_size}', USAGE)
+  outputs = {'--out': args.out, '--tokens-out': args.tokens_out}
+  safe_io.check_distinct(outputs)
+  check_checkpoint_dir(args.checkpoint)
   for p in args.images:
+    if os.path.isdir(p):
+      raise CommandError(f'--images {p} is a folder; give image files', FAILURE)
     if not os.path.isfile(p):
       raise CommandError(f'image not found: {p}', FAILURE)
-  images = np.stack([io_utils.load_image(p, size) for p in args.images])
+  size = checkpoint.read_config(args.checkpoint).image_size
+  with reading():   # an unreadable image fails before the weights load
+    images = np.stack([io_utils.load_image(p, size) for p in args.images])
+  for flag, path in outputs.items():
+    safe_io.check_output(path, force=args.force, flag=flag)
+  from var_jax.pipeline import load
+  pipe = load(args.checkpoint)
   recons, tokens = [], []
   for i in range(0, len(images), args.batch_size):
     idx = pipe.encode(images[i:i + args.batch_size])
@@ -57,4 +66,4 @@ def _run(args) -> int:
 
 
 def run(args) -> int:
-  return guarded('reconstruct', _run, args)
+  return guarded('reconstruct', _run, args, signals=True)

@@ -13,6 +13,10 @@ interrupted run resumes where it stopped when the same command is rerun
 (--stop-after-chunks N ends a run early on purpose). The parts folder is removed
 once the .npz is assembled.
 
+Every output path is checked before the model loads: an existing file is never
+replaced without --force (a resumed run may replace the outputs it began to write
+itself), a folder is never taken for a file; outputs are written atomically.
+
 Host work overlaps device work: chunk i+1 is dispatched before chunk i is copied
 to the host, converted and written; images are converted to uint8 on the device.
 The log ends with the images/s of the chunks after the first (which includes
@@ -29,7 +33,8 @@ import numpy as np
 
 from var_jax.commands._common import FAILURE, USAGE, CommandError, guarded, show_info_logs
 
-FLAGS = {'cfg': '--cfg', 'top_k': '--top-k', 'top_p': '--top-p', 'labels': 'labels'}
+FLAGS = {'cfg': '--cfg', 'top_k': '--top-k', 'top_p': '--top-p', 'labels': '--labels'}
+MAX_SEED = 2**31 - 1
 
 
 def add_arguments(parser):
@@ -52,6 +57,7 @@ def add_arguments(parser):
                       help='npz with arr_0 = uint8 NHWC images (resumable, see above)')
   parser.add_argument('--stop-after-chunks', type=int, default=None,
                       help='with --npz-out: stop after this many new chunks (rerun to continue)')
+  parser.add_argument('--force', action='store_true', help='replace existing output files')
   parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
 
 
@@ -65,29 +71,48 @@ def chunk_seed(seed: int, i: int) -> int:
 def _parse_labels(args, num_classes: int | None) -> np.ndarray:
   if args.labels is not None:
     try:
-      labels = [int(v) for v in args.labels.replace(' ', '').split(',') if v != '']
-    except ValueError:
-      raise CommandError(f'--labels must be comma-separated integers, got {args.labels!r}', USAGE)
-    if not labels:
+      labels = np.asarray([int(v) for v in args.labels.replace(' ', '').split(',') if v != ''],
+                          np.int64)
+    except (ValueError, OverflowError):
+      raise CommandError(f'--labels must be comma-separated integers, got {args.labels!r}',
+                         USAGE) from None
+    if not labels.size:
       raise CommandError('--labels is empty', USAGE)
-    labels = np.asarray(labels, np.int64)
   else:
-    if args.num_per_class < 1:
-      raise CommandError(f'--num-per-class must be >= 1, got {args.num_per_class}', USAGE)
     labels = np.repeat(np.arange(num_classes), args.num_per_class)
   return labels
 
 
+def _outputs(args) -> dict:
+  return {'--out': args.out, '--npz-out': args.npz_out, '--tokens-out': args.tokens_out}
+
+
 def _check_args(args) -> None:
-  """What can be checked before loading anything (the model-dependent checks follow)."""
+  """What can be checked before reading anything (the model-dependent checks follow)."""
+  from var_jax.safe_io import check_distinct
   from var_jax.sampling_args import check_sampling_args
   check_sampling_args(args.cfg, args.top_k, args.top_p, names=FLAGS)
-  if args.batch_size < 1 or args.grid_max < 0:
-    raise CommandError('--batch-size must be >= 1 and --grid-max >= 0', USAGE)
+  if args.batch_size < 1:
+    raise CommandError(f'--batch-size must be >= 1, got {args.batch_size}', USAGE)
+  if args.grid_max < 0:
+    raise CommandError(f'--grid-max must be >= 0, got {args.grid_max}', USAGE)
+  if args.num_per_class is not None and args.num_per_class < 1:
+    raise CommandError(f'--num-per-class must be >= 1, got {args.num_per_class}', USAGE)
+  if not 0 <= args.seed <= MAX_SEED:
+    raise CommandError(f'--seed must be in [0, {MAX_SEED}], got {args.seed}', USAGE)
   if args.stop_after_chunks is not None and (args.stop_after_chunks < 0 or not args.npz_out):
     raise CommandError('--stop-after-chunks needs --npz-out and a value >= 0', USAGE)
-  if not os.path.isdir(args.checkpoint):
-    raise CommandError(f'checkpoint directory not found: {args.checkpoint}', FAILURE)
+  check_distinct(_outputs(args))
+  check_checkpoint_dir(args.checkpoint)
+
+
+def check_checkpoint_dir(path: str) -> None:
+  """A --checkpoint that is not a folder fails here, before jax loads."""
+  if os.path.isfile(path):
+    raise CommandError(f'--checkpoint {path} is a file; a var-jax checkpoint is a folder '
+                       '(reference .pth files: `var-jax convert` first)', FAILURE)
+  if not os.path.isdir(path):
+    raise CommandError(f'checkpoint directory not found: {path}', FAILURE)
 
 
 class _Rate:
@@ -117,23 +142,39 @@ class _Rate:
     return msg
 
 
+def _manifest(args, labels, batch) -> dict:
+  """The settings a resumed --npz-out run must share with the run it continues."""
+  return {'checkpoint': os.path.abspath(args.checkpoint), 'n': int(labels.shape[0]),
+          'batch': batch, 'labels_sha256': hashlib.sha256(labels.tobytes()).hexdigest(),
+          'cfg': args.cfg, 'top_k': args.top_k, 'top_p': args.top_p, 'seed': args.seed,
+          'more_smooth': args.more_smooth, 'dtype': args.dtype}
+
+
 def _run(args) -> int:
   _check_args(args)
-  show_info_logs()
-  import jax
-  import jax.numpy as jnp
-  from var_jax import io_utils
-  from var_jax.pipeline import load
-  from var_jax.sampling_args import check_sampling_args
-  dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
-  pipe = load(args.checkpoint, dtype=dtype)
-  if pipe.config.var is None:
-    raise CommandError(f'{args.checkpoint} has no VAR transformer (convert it with --var)')
-  labels = check_sampling_args(args.cfg, args.top_k, args.top_p, config=pipe.config, names=FLAGS,
-                               labels=_parse_labels(args, pipe.config.var.num_classes)).labels
-  n, K = labels.shape[0], len(pipe.config.patch_nums)
+  from var_jax import checkpoint, io_utils, safe_io
+  from var_jax.sampling_args import check_labels, check_sampling_args
+  config = checkpoint.read_config(args.checkpoint)   # no weights read yet
+  if config.var is None:
+    raise CommandError(f'{args.checkpoint} has no VAR transformer, only a tokenizer '
+                       '(convert it with --var to sample)')
+  labels = check_labels(_parse_labels(args, config.var.num_classes), config.var.num_classes,
+                        FLAGS['labels'])
+  n, K = labels.shape[0], len(config.patch_nums)
   batch = min(args.batch_size, n)
   num_chunks = -(-n // batch)
+  run = None
+  if args.npz_out:   # a parts folder of another run, or not ours, is refused here
+    run = io_utils.ChunkedRun(args.npz_out, _manifest(args, labels, batch), create=False)
+  for flag, path in _outputs(args).items():
+    safe_io.check_output(path, force=args.force, flag=flag,
+                         owned=run is not None and run.claims(path))
+  show_info_logs()
+  check_sampling_args(args.cfg, args.top_k, args.top_p, config=config, names=FLAGS)  # says a clip
+  import jax
+  import jax.numpy as jnp
+  from var_jax.pipeline import load
+  pipe = load(args.checkpoint, dtype=jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32)
   to_uint8 = jax.jit(lambda x: jnp.clip(jnp.floor(x * 255 + 0.5), 0, 255).astype(jnp.uint8))
   rate = _Rate()
 
@@ -158,11 +199,7 @@ def _run(args) -> int:
     return out
 
   if args.npz_out:
-    manifest = {'checkpoint': os.path.abspath(args.checkpoint), 'n': int(n), 'batch': batch,
-                'labels_sha256': hashlib.sha256(labels.tobytes()).hexdigest(),
-                'cfg': args.cfg, 'top_k': args.top_k, 'top_p': args.top_p, 'seed': args.seed,
-                'more_smooth': args.more_smooth, 'dtype': args.dtype}
-    run = io_utils.ChunkedRun(args.npz_out, manifest)
+    run = io_utils.ChunkedRun(args.npz_out, run.manifest)
     left = io_utils.run_chunks(run, num_chunks, start, finish, stop_after=args.stop_after_chunks,
                                progress=not args.no_progress, desc='sampling',
                                on_done=lambda c, bar: rate.done(len(c['images']), bar))
@@ -172,6 +209,7 @@ def _run(args) -> int:
             f'(finished chunks are in {run.dir})')
       return 0
     size = pipe.config.image_size
+    run.claim(_outputs(args).values())   # a rerun after a kill from here on may replace them
     io_utils.write_npz_streaming(args.npz_out, 'arr_0', (n, size, size, 3), np.uint8,
                                  (run.read(i, 'images') for i in range(num_chunks)))
     grid_images, tokens = [], {f'idx_{k}': [] for k in range(K)}
@@ -210,4 +248,4 @@ def _write_outputs(args, io_utils, images, tokens):
 
 
 def run(args) -> int:
-  return guarded('sample', _run, args)
+  return guarded('sample', _run, args, signals=True)
