@@ -85,7 +85,7 @@ def test_reconstruct(ckpt, tmp_path):
 
 @pytest.mark.parametrize('args,code,message', [
     (['--labels', '1', '--cfg', '-1'], 2, '--cfg must be >= 0'),
-    (['--labels', '1', '--top-k', '65'], 2, r'--top-k must be in [0, 64]'),
+    (['--labels', '1', '--cfg', 'nan'], 2, '--cfg must be >= 0'),
     (['--labels', '1', '--top-k', '-1'], 2, '--top-k must be >= 0'),
     (['--labels', '1', '--top-k', '5', '--top-p', '1'], 2, '--top-p must be in [0, 1)'),
     (['--labels', '1,10', '--top-k', '5'], 2, 'labels must be in [0, 10)'),
@@ -116,3 +116,39 @@ def test_missing_inputs_fail_cleanly(ckpt, tmp_path, capsys):
   with pytest.raises(SystemExit) as e:  # argparse: --labels or --num-per-class is required
     sample(ckpt, '--out', tmp_path / 'g.png')
   assert e.value.code == 2
+
+
+def test_top_k_beyond_the_vocabulary_and_the_embedded_model(ckpt, tmp_path, capsys):
+  """--top-k above the vocabulary samples without a top-k cut (said on stderr), exactly
+  like --top-k 0; the embedded digits model samples with the default options."""
+  from var_jax import demo
+  common = ['--labels', '1,2', '--top-p', '0.5', '--seed', '3']
+  assert sample(ckpt, *common, '--top-k', 65, '--out', tmp_path / 'a.png',
+                '--tokens-out', tmp_path / 'a.npz') == 0
+  err = capsys.readouterr().err
+  assert '--top-k=65 >= the vocabulary (64 codes): no top-k cut' in err
+  assert 'images/s' in err or '2 images in' in err
+  assert sample(ckpt, *common, '--top-k', 0, '--out', tmp_path / 'b.png',
+                '--tokens-out', tmp_path / 'b.npz') == 0
+  with np.load(tmp_path / 'a.npz') as a, np.load(tmp_path / 'b.npz') as b:
+    for k in range(4):
+      np.testing.assert_array_equal(a[f'idx_{k}'], b[f'idx_{k}'])
+  assert sample(demo.asset_dir(), '--labels', '3,7', '--out', tmp_path / 'digits.png') == 0
+  assert np.asarray(Image.open(tmp_path / 'digits.png')).shape == (32 + 4, 2 * 34 + 2, 3)
+
+
+def test_console_command_turns_on_the_compilation_cache(tmp_path, monkeypatch):
+  """Where the persistent cache goes, and the opt-out; library calls of main() leave jax alone."""
+  from var_jax.commands import _common
+  env = {'XDG_CACHE_HOME': str(tmp_path)}
+  assert _common.compilation_cache_dir(env) == str(tmp_path / 'var_jax' / 'jax_cache')
+  assert _common.compilation_cache_dir({**env, 'VAR_JAX_COMPILATION_CACHE': 'off'}) is None
+  assert _common.compilation_cache_dir({'VAR_JAX_COMPILATION_CACHE': str(tmp_path / 'c')}) == str(tmp_path / 'c')
+  import jax
+  before = jax.config.jax_compilation_cache_dir
+  calls = []
+  monkeypatch.setattr(_common, 'enable_compilation_cache', lambda: calls.append(1))
+  monkeypatch.setattr('sys.argv', ['var-jax', 'demo', '--per-class', '0'])
+  assert cli.main() == 2 and calls == [1]          # the console path (argv from sys.argv)
+  assert cli.main(['demo', '--per-class', '0']) == 2 and calls == [1]
+  assert jax.config.jax_compilation_cache_dir == before

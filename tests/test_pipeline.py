@@ -1,11 +1,12 @@
 """Pipeline on the reference fixtures: tokens exact, images/logits within 1e-4; native
 checkpoints round-trip exactly; bad inputs and bad checkpoints fail with clear messages."""
 import json
+import re
 import shutil
 
 import numpy as np
 import pytest
-from conftest import get_fixture
+from conftest import ROOT, get_fixture
 
 import var_jax
 from var_jax.errors import CheckpointError
@@ -158,3 +159,72 @@ def test_bad_inputs_are_named():
   np.testing.assert_array_equal(  # (B, pn, pn) maps are accepted too
       np.asarray(pipe.decode([t.reshape(2, pn, pn) for t, pn in zip(toks, fx.config.patch_nums)])),
       np.asarray(pipe.decode(toks)))
+
+
+def test_load_reference_and_its_inverse(tmp_path):
+  """convert.load_reference -> (config, params, buffers); save_reference writes the same
+  tensors back; a VQVAE alone gives var=None."""
+  from var_jax import convert
+  fx = get_fixture('tiny4')
+  config, params, buffers = convert.load_reference(fx.dir / 'vae.pth', fx.dir / 'var.pth',
+                                                   fx.dir / 'config.json')
+  assert config == fx.config and set(params) == {'vae', 'var'}
+  assert set(buffers['vae']) == {'quantize.ema_vocab_hit_SV'} and buffers['var'] == {}
+  convert.save_reference(tmp_path / 'vae.pth', tmp_path / 'var.pth', config, params, buffers)
+  for part in ('vae', 'var'):
+    a, b = load_pth(fx.dir / f'{part}.pth'), load_pth(tmp_path / f'{part}.pth')
+    assert list(a) == list(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
+  lone = convert.load_reference(fx.dir / 'vae.pth', config=fx.raw_config)
+  assert lone.config.var is None and lone.params['var'] is None
+  with pytest.raises(ValueError, match='no VAR'):
+    convert.save_reference(tmp_path / 'v.pth', tmp_path / 'w.pth', *lone)
+
+
+def test_bfloat16_pipeline_prepares_blocks_once():
+  """Pipeline(dtype=bf16) holds the VAR blocks ready (bf16, stacked) beside the params as
+  stored (float32, for logits/save/export); test_sampler checks that ready params sample
+  the same bits as params cast in the program."""
+  import jax.numpy as jnp
+  from var_jax import sampler
+  fx = get_fixture('tiny4')
+  pipe = var_jax.from_torch(fx.dir / 'vae.pth', fx.dir / 'var.pth', config=fx.dir / 'config.json',
+                            dtype=jnp.bfloat16)
+  ready = pipe._ready
+  assert isinstance(ready, sampler.ReadyVAR) and ready.dtype == 'bfloat16'
+  assert ready.stacked['ffn']['fc1']['kernel'].shape[0] == fx.config.var.depth
+  assert ready.stacked['ffn']['fc1']['kernel'].dtype == jnp.bfloat16
+  assert pipe.var_params['blocks_0']['ffn']['fc1']['kernel'].dtype == np.float32
+  assert set(ready.params['blocks_0']) == {'ada_lin_1'}       # read once per call, unstacked
+  assert pipe._sampler().prepare(ready) is ready               # already ready: nothing to do
+
+
+def test_default_sampling_works_on_the_embedded_model():
+  """pipe.sample([3, 7]) with the defaults (top_k 900 > the 256 codes: no top-k cut)."""
+  from var_jax import demo
+  pipe = var_jax.load(demo.asset_dir())
+  images, tokens = pipe.sample([3, 7])
+  assert images.shape == (2, 32, 32, 3) and len(tokens) == len(pipe.config.patch_nums)
+  again = pipe.sample([3, 7], top_k=0)
+  for a, b in zip(tokens, again[1]):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def readme_python_blocks(section: str):
+  text = (ROOT / 'README.md').read_text()
+  body = text.split(f'\n## {section}\n', 1)[1].split('\n## ', 1)[0]
+  return re.findall(r'```python\n(.*?)```', body, re.S)
+
+
+@pytest.mark.slow
+def test_readme_python_api_runs_as_written(tmp_path, monkeypatch):
+  """The README's 'Python API' code blocks, executed in order on the embedded model."""
+  blocks = readme_python_blocks('Python API')
+  assert len(blocks) >= 2
+  monkeypatch.chdir(tmp_path)
+  scope = {}
+  for code in blocks:
+    exec(compile(code, 'README.md', 'exec'), scope)
+  assert scope['images'].shape == (2, 32, 32, 3)
+  assert (tmp_path / 'ckpt' / 'digits' / 'config.json').is_file()
+  assert (tmp_path / 'vae.pth').is_file() and (tmp_path / 'var.pth').is_file()
+  assert scope['config'] == scope['pipe'].config

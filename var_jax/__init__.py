@@ -3,6 +3,7 @@
     import var_jax
     pipe = var_jax.from_torch('vae_ch160v4096z32.pth', 'var_d16.pth')
     images, tokens = pipe.sample([207, 360])
+    config, params, buffers = var_jax.load_reference('vae_ch160v4096z32.pth', 'var_d16.pth')
 
 The names below are imported lazily, so `import var_jax` does not import jax.
 """
@@ -12,6 +13,9 @@ _EXPORTS = {
     'from_torch': 'var_jax.pipeline',
     'load': 'var_jax.pipeline',
     'Pipeline': 'var_jax.pipeline',
+    'Sampler': 'var_jax.sampler',
+    'load_reference': 'var_jax.convert',
+    'save_reference': 'var_jax.convert',
     'ModelConfig': 'var_jax.config',
     'VQVAEConfig': 'var_jax.config',
     'VARConfig': 'var_jax.config',

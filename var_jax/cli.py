@@ -4,7 +4,9 @@ Each command module defines `add_arguments(parser)` and `run(args) -> int`
 (and `ACCEPTS_OVERRIDES = True` to receive unparsed `--config.key=value` flags
 as `args.overrides`); it is
 imported only when its subcommand is used, so `var-jax demo` never pays for the
-trainer's imports.
+trainer's imports. Run as the console command, jax's persistent compilation cache
+is on (commands._common.enable_compilation_cache: ~/.cache/var_jax/jax_cache, or
+$VAR_JAX_COMPILATION_CACHE; =off disables it), so a second run skips compiling.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ COMMANDS = {
 
 
 def main(argv=None) -> int:
+  console = argv is None      # the console command (library callers pass argv)
   argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(prog='var-jax', description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
@@ -34,6 +37,9 @@ def main(argv=None) -> int:
       importlib.import_module(module).add_arguments(p)
   args, rest = parser.parse_known_args(argv)
   module = importlib.import_module(COMMANDS[args.command][0])
+  if console:
+    from var_jax.commands._common import enable_compilation_cache
+    enable_compilation_cache()
   if getattr(module, 'ACCEPTS_OVERRIDES', False):  # e.g. --config.lr=3e-4
     args.overrides = rest
   elif rest:

@@ -157,16 +157,38 @@ class ChunkedRun:
     shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def run_chunks(run: ChunkedRun, num_chunks: int, make_chunk: Callable[[int], Mapping[str, np.ndarray]],
-               *, stop_after: int | None = None, progress: bool = True, desc: str = 'chunks') -> int:
-  """Makes every missing chunk (at most `stop_after` new ones); returns how many are missing after."""
+def pipelined(indices: Iterable[int], start: Callable[[int], Any], finish: Callable[[Any], Any]):
+  """Yields (i, finish(start(i))) in order, calling start(i + 1) before finish(i): with an
+  asynchronous start (a jax dispatch), the host's finishing work overlaps the next item."""
+  pending = None
+  for i in indices:
+    handle = (i, start(i))
+    if pending is not None:
+      yield pending[0], finish(pending[1])
+    pending = handle
+  if pending is not None:
+    yield pending[0], finish(pending[1])
+
+
+def run_chunks(run: ChunkedRun, num_chunks: int, start: Callable[[int], Any],
+               finish: Callable[[Any], Mapping[str, np.ndarray]] | None = None, *,
+               stop_after: int | None = None, progress: bool = True, desc: str = 'chunks',
+               on_done: Callable[[Mapping[str, np.ndarray], Any], None] | None = None) -> int:
+  """Makes every missing chunk (at most `stop_after` new ones); returns how many are missing after.
+
+  start(i) begins chunk i and returns a handle; finish(handle) returns its arrays (without
+  finish, start returns them). Chunk i+1 is started before chunk i is finished and
+  written (`pipelined`). on_done(arrays, progress_bar) is called after each write.
+  """
   from tqdm import tqdm
-  todo = [i for i in range(num_chunks) if not run.done(i)]
-  if stop_after is not None:
-    todo = todo[:stop_after]
-  with tqdm(total=num_chunks, initial=num_chunks - len([i for i in range(num_chunks) if not run.done(i)]),
-            desc=desc, disable=not progress, unit='chunk') as bar:
-    for i in todo:
-      run.write(i, make_chunk(i))
+  finish = finish or (lambda arrays: arrays)
+  missing = [i for i in range(num_chunks) if not run.done(i)]
+  todo = missing if stop_after is None else missing[:stop_after]
+  with tqdm(total=num_chunks, initial=num_chunks - len(missing), desc=desc, disable=not progress,
+            unit='chunk') as bar:
+    for i, arrays in pipelined(todo, start, finish):
+      run.write(i, arrays)
+      if on_done is not None:
+        on_done(arrays, bar)
       bar.update(1)
   return sum(not run.done(i) for i in range(num_chunks))

@@ -1,13 +1,18 @@
 """The user-facing bundle of a VQVAE and (optionally) a VAR: encode, decode, score, sample.
 
     pipe = var_jax.from_torch('vae_ch160v4096z32.pth', 'var_d16.pth')   # config inferred
+    pipe = var_jax.load('ckpt/d16', dtype=jnp.bfloat16)                 # or a native checkpoint
     images, tokens = pipe.sample([207, 360], cfg=1.5, seed=0)           # NHWC in [0, 1]
-    pipe.save('ckpt/d16'); pipe = var_jax.load('ckpt/d16')
+    pipe.save('ckpt/d16'); pipe.to_torch('vae.pth', 'var.pth')
 
-Images are NHWC float32 in [-1, 1] (sample returns [0, 1] like the reference);
-tokens are a list of int32 (B, pn*pn) arrays, one per scale, raster order.
-Inputs are validated eagerly (ValueError naming what is wrong); the jitted
-functions are built once per Pipeline and reused.
+A thin facade: conversion is var_jax.convert (`load_reference`/`save_reference`),
+native checkpoints var_jax.checkpoint, sampling var_jax.sampler. Images are NHWC
+float32 in [-1, 1] (sample returns [0, 1] like the reference); tokens are a list
+of int32 (B, pn*pn) arrays, one per scale, raster order. Inputs are validated
+eagerly (ValueError naming what is wrong); the jitted functions are built once
+per Pipeline and reused. The VAR's block weights are made ready for sampling
+(cast to `dtype`, stacked) once, when the Pipeline is built; the parameters as
+stored stay beside them for `logits`, `save` and `to_torch`.
 """
 from __future__ import annotations
 
@@ -18,26 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from var_jax import convert
 from var_jax.config import ModelConfig
-from var_jax.convert import mapping
-from var_jax.convert.infer import infer_config
-from var_jax.convert.torch_io import load_pth, save_pth
+from var_jax.convert import as_config  # noqa: F401  (re-exported: pipeline.as_config)
 
 RANGE_TOL = 1e-3  # images may overshoot [-1, 1] by this much (rounding in preprocessing)
-
-
-def as_config(config: Any) -> ModelConfig:
-  """A ModelConfig from a ModelConfig, a config.json-style dict, JSON text or a path to one."""
-  if isinstance(config, ModelConfig):
-    return config
-  if isinstance(config, Mapping):
-    return ModelConfig.from_dict(config)
-  if isinstance(config, (str, os.PathLike)):
-    text = os.fspath(config)
-    if not text.lstrip().startswith('{') and not os.path.isfile(text):
-      raise FileNotFoundError(f'config file not found: {text}')
-    return ModelConfig.from_json(text)
-  raise TypeError(f'config must be a ModelConfig, a dict or a JSON path, got {type(config).__name__}')
 
 
 class Pipeline:
@@ -45,7 +35,10 @@ class Pipeline:
 
   def __init__(self, config: ModelConfig, vae_params: Any, var_params: Any = None, *,
                buffers: Optional[Mapping[str, Mapping[str, np.ndarray]]] = None,
-               dtype: Any = jnp.float32):
+               dtype: Any = jnp.float32, scan_blocks: bool = True, attention: str = 'auto'):
+    """dtype: compute dtype of the networks (bfloat16 for GPUs/TPUs; the quantizer,
+    the head, the logits and the draws stay float32). scan_blocks, attention: see
+    var_jax.sampler.Sampler."""
     if not isinstance(config, ModelConfig):
       raise TypeError(f'config must be a ModelConfig, got {type(config).__name__}')
     if var_params is not None and config.var is None:
@@ -56,8 +49,12 @@ class Pipeline:
     if self.var_params is None and config.var is not None:
       self.config = ModelConfig(vae=config.vae, var=None)
     self.buffers = {k: dict(v) for k, v in (buffers or {}).items()}
-    self.dtype = dtype
+    self.dtype = jnp.dtype(dtype)
+    self.scan_blocks, self.attention = bool(scan_blocks), attention
     self._fns: Dict[Any, Callable] = {}
+    self._ready = None                  # the VAR params ready for sampling in self.dtype
+    if self.var_params is not None:
+      self._ready = self._sampler(top_k=0, use_top_p=False).prepare(self.var_params)
 
   def __repr__(self):
     var = self.config.var
@@ -148,20 +145,13 @@ class Pipeline:
     return out
 
   def check_labels(self, labels: Any, batch: Optional[int] = None) -> jax.Array:
-    """Class labels, integers in [0, num_classes)."""
+    """Class labels, integers in [0, num_classes) (var_jax.sampler.check_labels)."""
+    from var_jax.sampler import check_labels
     self._require_var()
-    n = self.config.var.num_classes
-    y = np.asarray(labels)
-    if y.ndim == 0:
-      y = y[None]
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-      raise ValueError(f'labels must be a 1-D array of integers, got shape {y.shape} dtype {y.dtype}')
-    if y.size and (y.min() < 0 or y.max() >= n):
-      bad = y[(y < 0) | (y >= n)]
-      raise ValueError(f'labels must be in [0, {n}) (num_classes={n}), got {bad.tolist()[:8]}')
+    y = check_labels(labels, self.config.var.num_classes)
     if batch is not None and y.shape[0] != batch:
       raise ValueError(f'{y.shape[0]} labels for a batch of {batch} token maps')
-    return jnp.asarray(y, jnp.int32)
+    return jnp.asarray(y)
 
   # --- model functions ---------------------------------------------------------------
   def encode(self, images: Any) -> List[jax.Array]:
@@ -183,16 +173,27 @@ class Pipeline:
     return self._jit('logits')(self.vae_params, self.var_params, y, idx)
 
   def sample(self, labels: Any, *, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
-             seed: int = 0, more_smooth: bool = False, dtype: Any = None,
+             seed: Any = 0, more_smooth: bool = False, dtype: Any = None,
              mesh: Any = None) -> Tuple[jax.Array, List[jax.Array]]:
-    """Class-conditional samples: (images NHWC in [0, 1], token maps)."""
+    """Class-conditional samples: (images NHWC in [0, 1], token maps).
+
+    Arguments as var_jax.sampler.sample (checked by check_sampling_args; a top_k
+    at or above the vocabulary means no top-k cut). dtype defaults to the
+    Pipeline's; another dtype casts the blocks inside the program."""
+    from var_jax.sampler import check_sampling_args
     self._require_var()
-    check_sampling_args(cfg, top_k, top_p, self.config.vae.vocab_size)
-    y = self.check_labels(labels)
-    from var_jax import sampler
-    return sampler.sample(self.config, self.vae_params, self.var_params, y, cfg=cfg, top_k=top_k,
-                          top_p=top_p, seed=seed, more_smooth=more_smooth,
-                          dtype=dtype if dtype is not None else self.dtype, mesh=mesh)
+    args = check_sampling_args(cfg, top_k, top_p, labels=labels, config=self.config, mesh=mesh)
+    dtype = self.dtype if dtype is None else jnp.dtype(dtype)
+    s = self._sampler(top_k=args.top_k, use_top_p=args.top_p > 0, more_smooth=more_smooth,
+                      dtype=dtype, mesh=mesh)
+    params = self._ready if dtype == self.dtype else self.var_params
+    key = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
+    return s(self.vae_params, params, args.labels, args.cfg, args.top_p, key)
+
+  def _sampler(self, **kw):
+    from var_jax.sampler import Sampler
+    kw.setdefault('dtype', self.dtype)
+    return Sampler(self.config, scan_blocks=self.scan_blocks, attention=self.attention, **kw)
 
   # --- persistence -------------------------------------------------------------------
   def save(self, directory: str | os.PathLike, *, force: bool = False):
@@ -203,78 +204,28 @@ class Pipeline:
 
   def state_dicts(self) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, np.ndarray]]]:
     """The reference state dicts (numpy, torch layout and key order)."""
-    vae = mapping.params_to_state_dict(jax.device_get(self.vae_params), self.buffers.get('vae'),
-                                       config=self.config.vae, what=mapping.VQVAE)
-    var = None
-    if self.var_params is not None:
-      var = mapping.params_to_state_dict(jax.device_get(self.var_params), self.buffers.get('var'),
-                                         config=self.config.var, what=mapping.VAR)
-    return vae, var
+    return convert.state_dicts(self.config, self._params(), self.buffers)
 
   def to_torch(self, vae_path: str | os.PathLike, var_path: str | os.PathLike | None = None):
     """Writes reference-format .pth files (torch.load(..., weights_only=True) reads them)."""
-    vae, var = self.state_dicts()
-    if var_path is not None and var is None:
-      raise ValueError('this pipeline has no VAR to export')
-    save_pth(vae, vae_path)
-    if var_path is not None:
-      save_pth(var, var_path)
+    convert.save_reference(vae_path, var_path, self.config, self._params(), self.buffers)
 
-
-def check_sampling_args(cfg: float, top_k: int, top_p: float, vocab: int) -> None:
-  if not np.isfinite(cfg) or cfg < 0:
-    raise ValueError(f'cfg (guidance scale) must be >= 0, got {cfg}')
-  if int(top_k) != top_k or not 0 <= top_k <= vocab:
-    raise ValueError(f'top_k must be an integer in [0, {vocab}] (0 disables it), got {top_k}')
-  if not 0 <= top_p < 1:
-    raise ValueError(f'top_p must be in [0, 1) (0 disables it), got {top_p}')
+  def _params(self) -> Dict[str, Any]:
+    return {'vae': self.vae_params, 'var': self.var_params}
 
 
 # --- construction -------------------------------------------------------------------
-
-def _convert(sd, config: ModelConfig, what: str, path) -> Tuple[Any, Dict[str, np.ndarray]]:
-  try:
-    return mapping.state_dict_to_params(sd, mapping.abstract_params(config, what=what), what=what,
-                                        config=config.vae if what == mapping.VQVAE else config.var)
-  except ValueError as e:
-    raise ValueError(f'{os.fspath(path)}: {e}') from e
-
-
-def _check_derived(buffers: Mapping[str, np.ndarray], config: ModelConfig, path) -> Dict[str, np.ndarray]:
-  """The VAR's derived buffers must be what the config implies (patch_nums!); drop them."""
-  want = mapping.make_buffers(config.var, what=mapping.VAR)
-  for key, value in buffers.items():
-    if key in want and not np.array_equal(np.asarray(value), want[key]):
-      raise ValueError(f'{os.fspath(path)}: buffer {key} does not match the config '
-                       f'(patch_nums {config.patch_nums}); the checkpoint was built with another '
-                       'schedule: pass the right config')
-  return {k: v for k, v in buffers.items() if k not in want}
-
-
 def from_torch(vae_path: str | os.PathLike, var_path: str | os.PathLike | None = None,
-               config: Any = None, *, dtype: Any = jnp.float32) -> Pipeline:
-  """A Pipeline from reference .pth files; the config is inferred when not given."""
-  vae_sd = load_pth(vae_path)
-  var_sd = load_pth(var_path) if var_path is not None else None
-  if config is None:
-    cfg = infer_config(vae_sd, var_sd)
-  else:
-    cfg = as_config(config)
-    if var_sd is not None and cfg.var is None:
-      raise ValueError("the config has no 'var' section but a VAR checkpoint was given")
-  if var_sd is None:
-    cfg = ModelConfig(vae=cfg.vae, var=None)
-  vae_params, vae_bufs = _convert(vae_sd, cfg, mapping.VQVAE, vae_path)
-  buffers = {'vae': dict(vae_bufs)}
-  var_params = None
-  if var_sd is not None:
-    var_params, var_bufs = _convert(var_sd, cfg, mapping.VAR, var_path)
-    buffers['var'] = _check_derived(var_bufs, cfg, var_path)
-  return Pipeline(cfg, vae_params, var_params, buffers=buffers, dtype=dtype)
+               config: Any = None, *, dtype: Any = jnp.float32, **kw) -> Pipeline:
+  """A Pipeline from reference .pth files (var_jax.convert.load_reference); the config
+  is inferred when not given. kw: Pipeline options (scan_blocks, attention)."""
+  config, params, buffers = convert.load_reference(vae_path, var_path, config)
+  return Pipeline(config, params['vae'], params['var'], buffers=buffers, dtype=dtype, **kw)
 
 
-def load(directory: str | os.PathLike, *, dtype: Any = jnp.float32) -> Pipeline:
-  """A Pipeline from a native checkpoint directory (see var_jax.checkpoint)."""
+def load(directory: str | os.PathLike, *, dtype: Any = jnp.float32, **kw) -> Pipeline:
+  """A Pipeline from a native checkpoint directory (see var_jax.checkpoint); with
+  dtype=jnp.bfloat16 the VAR blocks are cast and stacked once, here."""
   from var_jax import checkpoint
   config, vae_params, var_params, buffers = checkpoint.restore(directory)
-  return Pipeline(config, vae_params, var_params, buffers=buffers, dtype=dtype)
+  return Pipeline(config, vae_params, var_params, buffers=buffers, dtype=dtype, **kw)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from var_jax.commands._common import USAGE, CommandError, guarded
+from var_jax.commands._common import USAGE, CommandError, guarded, show_info_logs
 
 
 def add_arguments(parser):
@@ -24,6 +24,7 @@ def add_arguments(parser):
 def _run(args) -> int:
   if args.per_class is not None and args.per_class < 1:
     raise CommandError(f'--per-class must be >= 1, got {args.per_class}', USAGE)
+  show_info_logs()
   from var_jax import demo
   t0 = time.perf_counter()
   paths = demo.run(args.out, per_class=args.per_class, cfg=args.cfg, top_k=args.top_k,

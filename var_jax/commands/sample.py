@@ -12,15 +12,24 @@ evaluation format) every finished chunk is kept in `<npz-out>.parts/`: an
 interrupted run resumes where it stopped when the same command is rerun
 (--stop-after-chunks N ends a run early on purpose). The parts folder is removed
 once the .npz is assembled.
+
+Host work overlaps device work: chunk i+1 is dispatched before chunk i is copied
+to the host, converted and written; images are converted to uint8 on the device.
+The log ends with the images/s of the chunks after the first (which includes
+compiling). A top-k at or above the model's vocabulary means no top-k cut.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import time
 
 import numpy as np
 
-from var_jax.commands._common import FAILURE, USAGE, CommandError, guarded
+from var_jax.commands._common import FAILURE, USAGE, CommandError, guarded, show_info_logs
+
+FLAGS = {'cfg': '--cfg', 'top_k': '--top-k', 'top_p': '--top-p', 'labels': 'labels'}
 
 
 def add_arguments(parser):
@@ -66,20 +75,13 @@ def _parse_labels(args, num_classes: int | None) -> np.ndarray:
     if args.num_per_class < 1:
       raise CommandError(f'--num-per-class must be >= 1, got {args.num_per_class}', USAGE)
     labels = np.repeat(np.arange(num_classes), args.num_per_class)
-  bad = labels[(labels < 0) | (labels >= num_classes)]
-  if bad.size:
-    raise CommandError(f'labels must be in [0, {num_classes}) for this model '
-                       f'(num_classes={num_classes}), got {sorted(set(bad.tolist()))[:8]}', USAGE)
-  return labels.astype(np.int32)
+  return labels
 
 
 def _check_args(args) -> None:
-  if not np.isfinite(args.cfg) or args.cfg < 0:
-    raise CommandError(f'--cfg must be >= 0, got {args.cfg}', USAGE)
-  if not 0 <= args.top_p < 1:
-    raise CommandError(f'--top-p must be in [0, 1) (0 disables it), got {args.top_p}', USAGE)
-  if args.top_k < 0:
-    raise CommandError(f'--top-k must be >= 0 (0 disables it), got {args.top_k}', USAGE)
+  """What can be checked before loading anything (the model-dependent checks follow)."""
+  from var_jax.sampling_args import check_sampling_args
+  check_sampling_args(args.cfg, args.top_k, args.top_p, names=FLAGS)
   if args.batch_size < 1 or args.grid_max < 0:
     raise CommandError('--batch-size must be >= 1 and --grid-max >= 0', USAGE)
   if args.stop_after_chunks is not None and (args.stop_after_chunks < 0 or not args.npz_out):
@@ -88,44 +90,83 @@ def _check_args(args) -> None:
     raise CommandError(f'checkpoint directory not found: {args.checkpoint}', FAILURE)
 
 
+class _Rate:
+  """Images/s of the chunks after the first (the first includes compiling)."""
+
+  def __init__(self):
+    self.t0 = self.t_first = self.t_last = None
+    self.first = self.rest = 0
+
+  def done(self, n: int, bar=None):
+    now = time.perf_counter()
+    if self.t_first is None:
+      self.t_first, self.first = now, n
+    else:
+      self.rest += n
+      if bar is not None:
+        bar.set_postfix_str(f'{self.rest / (now - self.t_first):.1f} img/s')
+    self.t_last = now
+
+  def report(self) -> str:
+    total = self.first + self.rest
+    if total == 0:
+      return 'no new images'
+    msg = f'{total} images in {self.t_last - self.t0:.1f} s'
+    if self.rest:
+      msg += f'; {self.rest / (self.t_last - self.t_first):.1f} images/s after the first chunk'
+    return msg
+
+
 def _run(args) -> int:
   _check_args(args)
+  show_info_logs()
+  import jax
   import jax.numpy as jnp
   from var_jax import io_utils
   from var_jax.pipeline import load
-  pipe = load(args.checkpoint)
+  from var_jax.sampling_args import check_sampling_args
+  dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
+  pipe = load(args.checkpoint, dtype=dtype)
   if pipe.config.var is None:
     raise CommandError(f'{args.checkpoint} has no VAR transformer (convert it with --var)')
-  vocab = pipe.config.vae.vocab_size
-  if args.top_k > vocab:
-    raise CommandError(f'--top-k must be in [0, {vocab}] for this model (vocab {vocab}), '
-                       f'got {args.top_k}', USAGE)
-  labels = _parse_labels(args, pipe.config.var.num_classes)
+  labels = check_sampling_args(args.cfg, args.top_k, args.top_p, config=pipe.config, names=FLAGS,
+                               labels=_parse_labels(args, pipe.config.var.num_classes)).labels
   n, K = labels.shape[0], len(pipe.config.patch_nums)
   batch = min(args.batch_size, n)
   num_chunks = -(-n // batch)
-  dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
+  to_uint8 = jax.jit(lambda x: jnp.clip(jnp.floor(x * 255 + 0.5), 0, 255).astype(jnp.uint8))
+  rate = _Rate()
 
-  def make_chunk(i):
+  def start(i):
+    """Dispatches chunk i (asynchronously); returns what `finish` needs."""
+    if rate.t0 is None:
+      rate.t0 = time.perf_counter()
     y = labels[i * batch:(i + 1) * batch]
     real = y.shape[0]
     if real < batch:  # pad the last chunk: one compiled shape for every chunk
       y = np.concatenate([y, np.full(batch - real, y[-1], y.dtype)])
     images, tokens = pipe.sample(y, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
-                                 seed=chunk_seed(args.seed, i), more_smooth=args.more_smooth,
-                                 dtype=dtype)
-    out = {'images': io_utils.to_uint8(np.asarray(images)[:real])}
+                                 seed=chunk_seed(args.seed, i), more_smooth=args.more_smooth)
+    return real, to_uint8(images), tokens
+
+  def finish(handle):
+    """Waits for a chunk and brings it to the host: {'images': uint8, 'idx_k': int32}."""
+    real, images, tokens = handle
+    images, tokens = jax.device_get((images, tokens))
+    out = {'images': np.asarray(images)[:real]}
     out.update({k: v[:real] for k, v in io_utils.tokens_to_arrays(tokens).items()})
     return out
 
   if args.npz_out:
     manifest = {'checkpoint': os.path.abspath(args.checkpoint), 'n': int(n), 'batch': batch,
-                'labels_sha256': hashlib.sha256(labels.tobytes()).hexdigest(), 'cfg': args.cfg,
-                'top_k': args.top_k, 'top_p': args.top_p, 'seed': args.seed,
+                'labels_sha256': hashlib.sha256(labels.tobytes()).hexdigest(),
+                'cfg': args.cfg, 'top_k': args.top_k, 'top_p': args.top_p, 'seed': args.seed,
                 'more_smooth': args.more_smooth, 'dtype': args.dtype}
     run = io_utils.ChunkedRun(args.npz_out, manifest)
-    left = io_utils.run_chunks(run, num_chunks, make_chunk, stop_after=args.stop_after_chunks,
-                               progress=not args.no_progress, desc='sampling')
+    left = io_utils.run_chunks(run, num_chunks, start, finish, stop_after=args.stop_after_chunks,
+                               progress=not args.no_progress, desc='sampling',
+                               on_done=lambda c, bar: rate.done(len(c['images']), bar))
+    print(f'sampling: {rate.report()}', file=sys.stderr)
     if left:
       print(f'stopped with {left} of {num_chunks} chunks to go; rerun the same command to resume '
             f'(finished chunks are in {run.dir})')
@@ -146,8 +187,14 @@ def _run(args) -> int:
     print(f'{n} samples -> {args.npz_out} (arr_0 uint8 {(n, size, size, 3)})')
   else:
     from tqdm import tqdm
-    chunks = [make_chunk(i) for i in tqdm(range(num_chunks), desc='sampling', unit='chunk',
-                                          disable=args.no_progress or num_chunks == 1)]
+    chunks = []
+    with tqdm(total=num_chunks, desc='sampling', unit='chunk',
+              disable=args.no_progress or num_chunks == 1) as bar:
+      for _, chunk in io_utils.pipelined(range(num_chunks), start, finish):
+        chunks.append(chunk)
+        rate.done(len(chunk['images']), bar)
+        bar.update(1)
+    print(f'sampling: {rate.report()}', file=sys.stderr)
     tokens = {f'idx_{k}': [c[f'idx_{k}'] for c in chunks] for k in range(K)}
     _write_outputs(args, io_utils, np.concatenate([c['images'] for c in chunks]), tokens)
   print(f'grid of {min(n, args.grid_max)} samples -> {args.out}')

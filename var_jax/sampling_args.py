@@ -1,0 +1,90 @@
+"""Sampling arguments, checked in one place for the API (Pipeline.sample,
+sampler.sample) and the command line (var-jax sample).
+
+    args = check_sampling_args(cfg, top_k, top_p, labels=labels, config=config)
+
+numpy only (no jax import), so the CLI checks its flags before loading anything.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
+
+log = logging.getLogger('var_jax')
+
+BATCH_AXES = ('data', 'fsdp')   # mesh axes the sampling batch is split over
+
+
+class SamplingArgs(NamedTuple):
+  labels: Optional[np.ndarray]   # int32 (B,), or None when none were given
+  cfg: float
+  top_k: int                     # 0: no top-k cut (also when the request reached the vocabulary)
+  top_p: float                   # 0: no nucleus cut
+
+
+_CLIP_SAID = set()
+
+
+def check_sampling_args(cfg: Any, top_k: Any, top_p: Any, *, labels: Any = None,
+                        config: Any = None, mesh: Any = None,
+                        names: Optional[dict] = None) -> SamplingArgs:
+  """The sampling arguments, checked; ValueError naming the problem.
+
+  Without `config` only what needs no model is checked (the CLI calls this before
+  loading the checkpoint, then again with it). A top_k at or above the
+  vocabulary means no top-k cut (said once at info level). `names` maps argument
+  names to what the caller calls them (e.g. {'top_k': '--top-k'}).
+  """
+  name = lambda n: (names or {}).get(n, n)
+  if isinstance(cfg, bool) or not _is_real(cfg) or not np.isfinite(cfg) or cfg < 0:
+    raise ValueError(f'{name("cfg")} must be >= 0 and finite (the guidance scale), got {cfg!r}')
+  if isinstance(top_k, bool) or not _is_real(top_k) or int(top_k) != top_k:
+    raise ValueError(f'{name("top_k")} must be an integer >= 0 (0 disables it), got {top_k!r}')
+  if top_k < 0:
+    raise ValueError(f'{name("top_k")} must be >= 0 (0 disables it), got {top_k}')
+  if isinstance(top_p, bool) or not _is_real(top_p) or not np.isfinite(top_p) or not 0 <= top_p < 1:
+    raise ValueError(f'{name("top_p")} must be in [0, 1) (0 disables it), got {top_p!r}')
+  top_k = int(top_k)
+  if config is not None:
+    if config.var is None:
+      raise ValueError('this model has no VAR transformer: sampling needs one')
+    vocab = config.vae.vocab_size
+    if top_k >= vocab:
+      if (top_k, vocab) not in _CLIP_SAID:
+        _CLIP_SAID.add((top_k, vocab))
+        log.info('%s=%d >= the vocabulary (%d codes): no top-k cut', name('top_k'), top_k, vocab)
+      top_k = 0
+  arr = None
+  if labels is not None:
+    arr = check_labels(labels, None if config is None else config.var.num_classes, name('labels'))
+    if mesh is not None:
+      shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
+      if arr.shape[0] % shards:
+        raise ValueError(f'batch {arr.shape[0]} is not divisible by the {shards} batch shards '
+                         'of the mesh')
+  return SamplingArgs(arr, float(cfg), top_k, float(top_p))
+
+
+def check_labels(labels: Any, num_classes: Optional[int], what: str = 'labels') -> np.ndarray:
+  """Class ids as int32 numpy (B,): a non-empty 1-D integer sequence (a scalar is one label)."""
+  arr = np.asarray(labels)
+  if arr.ndim == 0:
+    arr = arr[None]
+  if arr.ndim != 1 or arr.shape[0] == 0:
+    raise ValueError(f'{what} must be a non-empty 1-D sequence of class ids, got shape {arr.shape}')
+  if not np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(f'{what} must be integers (class ids), got dtype {arr.dtype}')
+  if num_classes is not None and (arr.min() < 0 or arr.max() >= num_classes):
+    bad = sorted(set(arr[(arr < 0) | (arr >= num_classes)].tolist()))
+    raise ValueError(f'{what} must be in [0, {num_classes}) (num_classes={num_classes}), got {bad[:8]}')
+  return arr.astype(np.int32)
+
+
+def _is_real(x) -> bool:
+  try:
+    float(x)
+  except (TypeError, ValueError):
+    return False
+  return np.ndim(x) == 0
