@@ -19,6 +19,7 @@ COMMANDS = {
     'convert': ('var_jax.commands.convert', 'reference .pth files -> native var_jax checkpoint'),
     'sample': ('var_jax.commands.sample', 'class-conditional sampling from a checkpoint'),
     'reconstruct': ('var_jax.commands.reconstruct', 'encode and decode images with the VQVAE'),
+    'edit': ('var_jax.commands.edit', 'zero-shot in-painting, out-painting, class-conditional editing'),
     'train': ('var_jax.commands.train', 'train the VAR transformer'),
     'train-vqvae': ('var_jax.commands.train_vqvae', 'train the multi-scale VQVAE'),
     'eval': ('var_jax.commands.eval', 'FID, sFID, IS, precision/recall of a sample batch'),
