@@ -20,8 +20,9 @@ activation of exactly a weight's shape would be counted too.
 
 FLOPs are counted from the configs (2 x multiply-adds): the transformer's every
 matmul of every scale on the doubled guidance batch (attention over the cached
-prefix), and the decoder's every convolution and attention matmul. XLA's cost
-analysis is not used: on GPUs it does not count cuDNN convolutions.
+prefix), and the decoder's every convolution and attention matmul as run
+(var_jax.tokenizer.flops.vqvae_flops). XLA's cost analysis is not used: on GPUs it
+does not count cuDNN convolutions.
 
 --profile DIR writes a jax.profiler trace of --profile-calls calls and prints the
 device kernels that take the time (`kernel_breakdown`; ../shared/bench/
@@ -53,6 +54,7 @@ from flax import linen as nn
 
 from var_jax import sampler
 from var_jax.config import PATCH_NUMS_512, ModelConfig, VARConfig, VQVAEConfig
+from var_jax.tokenizer.flops import vqvae_flops
 from var_jax.tokenizer.vqvae import VQVAE
 from var_jax.transformer.model import KVCache, dummy_inputs
 
@@ -120,49 +122,6 @@ def transformer_flops(cfg: VARConfig, vocab: int, Cvae: int, batch: int) -> floa
     per_block = 4 * C * C * l + 2 * C * hid * l + 2 * l * e * C               # qkv+proj, ffn, qk+pv
     macs += B2 * (cfg.depth * per_block + C * vocab * l + Cvae * C * l)        # blocks, head, word_embed
   return 2.0 * macs
-
-
-def decoder_flops(cfg: VQVAEConfig, batch: int) -> float:
-  """2 x multiply-adds of post_quant_conv + the decoder (var_jax.tokenizer.autoencoder's
-  structure): 3x3 / 1x1 convolutions and the single-head attention blocks."""
-  macs = 0
-
-  def conv(cin, cout, r, k=3):
-    nonlocal macs
-    macs += k * k * cin * cout * r * r
-
-  def res(cin, cout, r):
-    conv(cin, cout, r)
-    conv(cout, cout, r)
-    if cin != cout:
-      conv(cin, cout, r, 1)
-
-  def attn(c, r):
-    nonlocal macs
-    conv(c, 3 * c, r, 1)
-    conv(c, c, r, 1)
-    macs += 2 * (r * r) ** 2 * c                                               # q k^T and w v
-
-  r, n = cfg.v_patch_nums[-1], len(cfg.ch_mult)
-  c = cfg.ch * cfg.ch_mult[-1]
-  conv(cfg.Cvae, cfg.Cvae, r)                                                  # post_quant_conv
-  conv(cfg.Cvae, c, r)                                                         # conv_in
-  res(c, c, r)
-  if cfg.using_mid_sa:
-    attn(c, r)
-  res(c, c, r)
-  for i in reversed(range(n)):
-    cout = cfg.ch * cfg.ch_mult[i]
-    for _ in range(cfg.num_res_blocks + 1):
-      res(c, cout, r)
-      c = cout
-      if cfg.using_sa and i == n - 1:
-        attn(c, r)
-    if i != 0:
-      r *= 2
-      conv(c, c, r)                                                            # upsample conv
-  conv(c, cfg.in_channels, r)                                                  # conv_out
-  return 2.0 * macs * batch
 
 
 def block_weight_bytes(var_params, depth: int, dtype) -> int:
@@ -310,7 +269,7 @@ def bench_one(args, model: str, px: int, batch: int, *, split: bool, say=print) 
   else:
     row['var_s'] = row['s'] - row['dec_s']
   row['var_tflop'] = transformer_flops(cfg.var, cfg.vae.vocab_size, cfg.vae.Cvae, batch) / 1e12
-  row['dec_tflop'] = decoder_flops(cfg.vae, batch) / 1e12
+  row['dec_tflop'] = vqvae_flops(cfg.vae, batch, 'decode') / 1e12
   row['img_s'] = batch / row['s']
   tflops, bw = device_figures(args.dtype)
   if tflops:

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from conftest import ROOT, get_fixture
 from var_jax import convert, parallel, sampler
@@ -331,34 +330,3 @@ def test_filter_draws_equal_the_sorting_implementation(shape, ties):
   cut = ~np.isfinite(new)
   assert cut.any() and not cut.all(axis=-1).any()        # something cut, never everything
 
-
-def _jaxpr_flops(jaxpr) -> float:
-  """2 x multiply-adds of every convolution and dot in a jaxpr (nested ones included)."""
-  total = 0.0
-  for eqn in jaxpr.eqns:
-    out = eqn.outvars[0].aval.shape
-    if eqn.primitive.name == 'conv_general_dilated':
-      rhs = eqn.invars[1].aval.shape                    # HWIO for flax convs
-      total += 2.0 * np.prod(out) * np.prod(rhs[:-1])
-    elif eqn.primitive.name == 'dot_general':
-      (contract, _), _ = eqn.params['dimension_numbers']
-      total += 2.0 * np.prod(out) * np.prod([eqn.invars[0].aval.shape[d] for d in contract])
-    for p in eqn.params.values():
-      if isinstance(p, ClosedJaxpr):
-        total += _jaxpr_flops(p.jaxpr)
-      elif isinstance(p, Jaxpr):
-        total += _jaxpr_flops(p)
-  return total
-
-
-@pytest.mark.parametrize('name', ['tiny4', 'tiny10'])
-def test_benchmark_decoder_flops_count_every_conv(name):
-  """sample_bench.decoder_flops (analytic, from the config) = the convolutions and
-  attention matmuls of the traced decoder."""
-  bench, cfg = _bench(), get_fixture(name).config
-  _, vae_p, _ = loaded(name)
-  vae = sampler.Sampler(cfg).models()[1]
-  hw = cfg.patch_nums[-1]
-  f_hat = jnp.zeros((3, hw, hw, cfg.vae.Cvae))
-  jaxpr = jax.make_jaxpr(lambda p, f: vae.apply({'params': p}, f, method=VQVAE.decode_fhat))(vae_p, f_hat)
-  assert bench.decoder_flops(cfg.vae, 3) == _jaxpr_flops(jaxpr.jaxpr)
