@@ -1,75 +1,237 @@
-"""Train-step throughput: step time, tokens/s, images/s, MFU for a config, batch and mesh.
+"""Train-step throughput and memory of the VAR task, for each attention / remat / tokenizer option.
 
-  python benchmarks/train_bench.py --config configs/var_tiny.py --steps 20 [--config.x=y ...]
-  python benchmarks/train_bench.py --config configs/var_d16.py --config.vae.checkpoint= \\
-      --config.data.kind=synthetic --config.batch_size=256 --config.mesh.fsdp=8
+One variant (flags choose it; any --config.key=value too):
+  python benchmarks/train_bench.py --config configs/var_tiny.py --steps 10
+  python benchmarks/train_bench.py --config configs/var_d16.py --batch 64 --attention cudnn \\
+      --remat none --vae default --data images
+Several variants in one process, one table (unattended: random weights, synthetic data,
+a fixed number of steps; a variant that fails, e.g. out of memory, is a row saying so):
+  python benchmarks/train_bench.py --config configs/var_d16.py --batch 64 --steps 10 --sweep
+  python benchmarks/train_bench.py ... --sweep --variants 'attention=xla,remat=block;data=tokens'
+Memory of a big model on a mesh, compiled on abstract parameters (nothing allocated; works
+on CPU with fake devices):
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
+  python benchmarks/train_bench.py --config configs/var_d30.py --batch 64 --compile_only \\
+      --config.mesh.fsdp=8 --config.mesh.data=1
 
-Measures the jitted step only (tokenizer + VAR forward/backward + AdamW) on one fixed
-device-resident batch, after a warm-up step that compiles; data loading is excluded.
-MFU = analytic VAR training FLOPs (step.var_flops_per_image; the frozen tokenizer is
-not counted) / (devices x peak bf16 FLOP/s of the device kind).
+Options of a variant: attention (auto|xla|cudnn|splash), remat (none|block|dots_saveable|...),
+vae (the frozen tokenizer: highest = float32 HIGHEST, default = float32 at default precision
+(TF32 on GPUs), bf16 = bfloat16 compute) and data (images: the tokenizer runs in the step;
+tokens: pre-tokenised ids, no encoder). The step is the trainer's own jitted, donated step
+(var_jax.train.var_task) on one device-resident batch; data loading is excluded.
+Reported per variant: step time, images/s, tokens/s, MFU (analytic VAR training FLOPs,
+writer.var_flops_per_image, the tokenizer not counted, over devices x the device's dense
+bf16 peak), the compiled per-device memory (XLA memory_analysis: arguments + outputs -
+aliased + temporaries) and, where the backend reports it, the device's peak bytes in use
+(cumulative over the process: a sweep's later rows include earlier peaks).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
-import tempfile
 import time
+import traceback
+from typing import Any, Dict, List
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+VAE = {'highest': ('float32', 'highest'), 'default': ('float32', 'default'),
+       'bf16': ('bfloat16', 'default')}
+# The default sweep: the reference's configuration and the fast options, alone and together.
+SWEEP = ('attention=xla,remat=block,vae=highest,data=images;'
+         'attention=auto,remat=block,vae=default,data=images;'
+         'attention=auto,remat=dots_saveable,vae=default,data=images;'
+         'attention=auto,remat=none,vae=default,data=images;'
+         'attention=auto,remat=none,vae=bf16,data=images;'
+         'attention=auto,remat=none,vae=default,data=tokens;'
+         'attention=auto,remat=dots_saveable,vae=default,data=tokens')
+GiB = float(1 << 30)
+
+
+class _SyntheticSource:
+  """Stands in for the training split (no files, no pipeline)."""
+
+  def __init__(self, n: int, num_classes: int):
+    self.n, self.num_classes = n, num_classes
+
+  def __len__(self):
+    return self.n
+
+  def check(self, fingerprint, patch_nums):   # a tokens folder's check: nothing to compare
+    del fingerprint, patch_nums
+
+
+def parse_variant(text: str, base: Dict[str, str]) -> Dict[str, str]:
+  v = dict(base)
+  for part in filter(None, text.split(',')):
+    k, _, val = part.partition('=')
+    if k.strip() not in base:
+      raise ValueError(f'unknown variant option {k!r} (one of {sorted(base)})')
+    v[k.strip()] = val.strip()
+  if v['vae'] not in VAE:
+    raise ValueError(f'vae must be one of {sorted(VAE)}, got {v["vae"]!r}')
+  if v['data'] not in ('images', 'tokens'):
+    raise ValueError(f"data must be 'images' or 'tokens', got {v['data']!r}")
+  return v
+
+
+def build_task(config_path: str, overrides: List[str], variant: Dict[str, str], batch: int):
+  """The VAR task of the config with the variant's options, random weights, synthetic data."""
+  from var_jax.config_loader import load_config
+  from var_jax.train import loop
+  from var_jax.train.var_task import VARTask
+  dtype, precision = VAE[variant['vae']]
+  cfg = load_config(config_path, list(overrides) + [
+      '--config.vae.checkpoint=', f'--config.vae.dtype={dtype}', f'--config.vae.precision={precision}',
+      f'--config.model.attention={variant["attention"]}', f'--config.model.remat={variant["remat"]}',
+      f'--config.data.kind={"tokens" if variant["data"] == "tokens" else "synthetic"}',
+      f'--config.batch_size={batch}', '--config.total_steps=100000'])
+  mesh, rules = loop.mesh_and_rules(cfg)
+  ctx = loop.Context(cfg, mesh, rules, _SyntheticSource(batch * 1000, cfg.model.num_classes),
+                     batch, 1000, cfg.total_steps)
+  return VARTask(ctx)
+
+
+def synthetic_batch(task, seed: int = 0) -> Dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  B = task.ctx.global_batch
+  out = {'label': rng.integers(0, task.var_cfg.num_classes, (B,)).astype(np.int32)}
+  if task.from_tokens:
+    out['tokens'] = rng.integers(0, task.vae_cfg.vocab_size, (B, task.var_cfg.L)).astype(np.int32)
+  else:
+    S = task.vae_cfg.image_size
+    out['image'] = rng.integers(0, 256, (B, S, S, 3), dtype=np.uint8)
+  return out
+
+
+def memory_of(compiled) -> Dict[str, float]:
+  """Per-device GiB from XLA's memory analysis of a compiled step."""
+  ma = compiled.memory_analysis()
+  if ma is None:
+    return {}
+  arg, out = ma.argument_size_in_bytes, ma.output_size_in_bytes
+  alias, temp = ma.alias_size_in_bytes, ma.temp_size_in_bytes
+  return {'mem_args_GiB': arg / GiB, 'mem_temp_GiB': temp / GiB,
+          'mem_total_GiB': (arg + out - alias + temp) / GiB}
+
+
+def compile_step(task, batch_global):
+  """The task's jitted train step compiled for abstract state (no allocation)."""
+  from var_jax.train import state as state_lib
+  abstract = state_lib.abstract_with_shardings(task.abstract_state, task.state_shardings)
+  lw = jnp.asarray(task.loss_weights(0))
+  with task.ctx.activate():
+    return task._train_step.lower(abstract, task.vae_params, batch_global, lw).compile()
+
+
+def measure(config_path, overrides, variant, batch, steps, compile_only=False) -> Dict[str, Any]:
+  from var_jax.train import loop, writer
+  row: Dict[str, Any] = dict(variant)
+  t0 = time.perf_counter()
+  task = build_task(config_path, overrides, variant, batch)
+  row['attention'] = f'{variant["attention"]}->{task.attention}'
+  row['params_M'] = round(task.num_params / 1e6, 2)
+  local = synthetic_batch(task)
+  batch_global = loop.global_batch(local, task.batch_shardings)
+  compiled = compile_step(task, batch_global)
+  row.update(memory_of(compiled))
+  row['compile_s'] = time.perf_counter() - t0
+  if compile_only:
+    return row
+  state = task.init_state()
+  lw = jnp.asarray(task.loss_weights(0))
+
+  def step(state):
+    with task.ctx.activate():
+      return compiled(state, task.vae_params, batch_global, lw)
+
+  state, m = step(state)          # warm-up (and the first loss)
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, m = step(state)
+  jax.block_until_ready((state, m))
+  dt = (time.perf_counter() - t0) / steps
+  peak = writer.peak_flops()
+  n_dev = jax.device_count()
+  row.update(step_ms=dt * 1e3, images_per_s=batch / dt, tokens_per_s=batch * task.var_cfg.L / dt,
+             tflops_per_s=task.flops_per_image * batch / dt / 1e12,
+             mfu=task.flops_per_image * batch / dt / (n_dev * peak) if peak > 0 else None,
+             loss=float(m['loss']))
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    row['peak_GiB'] = stats['peak_bytes_in_use'] / GiB
+  del state, m
+  return row
+
+
+COLUMNS = (('attention', '{}'), ('remat', '{}'), ('vae', '{}'), ('data', '{}'), ('step_ms', '{:.1f}'),
+           ('images_per_s', '{:.1f}'), ('tokens_per_s', '{:.0f}'), ('mfu', '{:.1%}'),
+           ('mem_total_GiB', '{:.2f}'), ('peak_GiB', '{:.2f}'), ('compile_s', '{:.0f}'),
+           ('loss', '{:.4f}'), ('error', '{}'))
+
+
+def table(rows: List[Dict[str, Any]]) -> str:
+  cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+  cells = [[c for c, _ in cols]] + [
+      ['-' if r.get(c) is None else f.format(r[c]) for c, f in cols] for r in rows]
+  widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+  lines = ['| ' + ' | '.join(x.ljust(w) for x, w in zip(row, widths)) + ' |' for row in cells]
+  lines.insert(1, '|' + '|'.join('-' * (w + 2) for w in widths) + '|')
+  return '\n'.join(lines)
+
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--config', default='configs/var_tiny.py')
-  ap.add_argument('--steps', type=int, default=20)
-  ap.add_argument('--json', default='', help='append the result as one JSON line to this file')
+  ap.add_argument('--batch', type=int, default=0, help='global batch (0: the config\'s)')
+  ap.add_argument('--steps', type=int, default=10, help='timed steps per variant (after one warm-up)')
+  ap.add_argument('--attention', default='auto')
+  ap.add_argument('--remat', default='none')
+  ap.add_argument('--vae', default='default', choices=sorted(VAE))
+  ap.add_argument('--data', default='images', choices=('images', 'tokens'))
+  ap.add_argument('--sweep', action='store_true', help='run --variants (default: a standard set)')
+  ap.add_argument('--variants', default=SWEEP,
+                  help="';'-separated variants, each 'key=value,...' over the flags above")
+  ap.add_argument('--compile_only', action='store_true',
+                  help='compile on abstract params and report memory_analysis only')
+  ap.add_argument('--json', default='', help='append each row as one JSON line to this file')
   args, overrides = ap.parse_known_args(argv)
-
-  from flax import linen as nn
-  from var_jax.config_loader import load_config
-  from var_jax.train.var_trainer import VARTrainer
-  cfg = load_config(args.config, overrides)
-  with tempfile.TemporaryDirectory() as tmp:
-    t = VARTrainer(cfg, tmp)
-    state = t.init_state()
-    batch = t.global_batch_arrays(next(t.make_train_iter()))
-    lw = jnp.asarray(t.loss_weights(0))
-
-    def step(state):
-      with jax.set_mesh(t.mesh), nn.logical_axis_rules(t.rules):
-        return t._train_step(state, t.vae_params, batch, lw)
-
-    t0 = time.perf_counter()
-    state, m = step(state)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-      state, m = step(state)
-    jax.block_until_ready((state, m))
-    dt = (time.perf_counter() - t0) / args.steps
-
-  gb, L = t.global_batch, t.var_cfg.L
-  out = {
-      'config': args.config, 'overrides': overrides, 'device': jax.devices()[0].device_kind,
-      'devices': jax.device_count(), 'mesh': dict(t.mesh.shape), 'global_batch': gb,
-      'params_M': round(t.num_params / 1e6, 3), 'dtype': cfg.dtype,
-      'compile_s': round(compile_s, 2), 'step_time_s': round(dt, 5),
-      'images_per_s': round(gb / dt, 2), 'tokens_per_s': round(gb * L / dt, 1),
-      'tflops_per_s': round(t.flops_per_image * gb / dt / 1e12, 4),
-      'mfu': (round(t.flops_per_image * gb / dt / (jax.device_count() * t.peak_flops), 4)
-              if t.peak_flops > 0 else None),
-      'loss': float(m['loss']),
-  }
-  print(json.dumps(out, indent=1))
-  if args.json:
-    with open(args.json, 'a') as f:
-      f.write(json.dumps(out) + '\n')
-  return 0
+  bad = [o for o in overrides if not o.startswith('--config.')]
+  if bad:
+    ap.error(f'unrecognized arguments: {" ".join(bad)}')
+  if args.batch <= 0:
+    from var_jax.config_loader import load_config
+    args.batch = int(load_config(args.config, overrides).batch_size)
+  base = {'attention': args.attention, 'remat': args.remat, 'vae': args.vae, 'data': args.data}
+  variants = ([parse_variant(v, base) for v in args.variants.split(';') if v.strip()]
+              if args.sweep else [base])
+  dev = jax.devices()[0]
+  print(f'# {args.config} {" ".join(overrides)}: global batch {args.batch} on {jax.device_count()} x '
+        f'{dev.device_kind} ({dev.platform}), {args.steps} timed steps', flush=True)
+  rows = []
+  for v in variants:
+    try:
+      row = measure(args.config, overrides, v, args.batch, args.steps, args.compile_only)
+    except Exception as e:   # e.g. out of memory, or an attention the platform cannot run
+      row = dict(v, error=f'{type(e).__name__}: {str(e).splitlines()[0][:120]}')
+      if not args.sweep:
+        traceback.print_exc()
+    row.update(config=args.config, overrides=overrides, batch=args.batch, device=dev.device_kind,
+               devices=jax.device_count())
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    if args.json:
+      with open(args.json, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+    jax.clear_caches()
+    gc.collect()
+  print(table(rows), flush=True)
+  return 0 if all('error' not in r for r in rows) or args.sweep else 1
 
 
 if __name__ == '__main__':

@@ -27,10 +27,12 @@ def get_config():
                       cond_drop_rate=0.1))
   c.vae.update(dict(checkpoint=os.path.normpath(ASSET), vocab_size=256, z_channels=16, ch=32,
                     ch_mult=(1, 1, 2), num_res_blocks=1, using_sa=False, using_mid_sa=True,
-                    quant_resi=0.5, share_quant_resi=4, dtype='float32'))
+                    quant_resi=0.5, share_quant_resi=4, dtype='float32',
+                    precision='highest'))
   c.data = common.data_section(kind='digits', mid_reso=1.0, hflip=False, num_threads=2,
                                num_classes=10)
-  c.optim.update(dict(lr=1e-3, tclip=2.0, twd=0.05, wp=0.0, wpe=0.05))
+  c.optim.update(dict(lr=1e-3, grad_clip=2.0, weight_decay=0.05, warmup_epochs=0.0,
+                      final_lr=0.05))
   c.batch_size = 64
   c.total_steps = 1500
   c.dtype = 'float32'

@@ -21,12 +21,13 @@ def get_config():
   c.seed = 0
   c.model.update(dict(vocab_size=256, z_channels=16, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1,
                       using_sa=False, using_mid_sa=True, patch_nums=(1, 2, 3, 4, 6, 8),
-                      share_quant_resi=4, codebook_init=0.0))
+                      share_quant_resi=4))
+  c.init.codebook = 0.0
   c.data = vq.common.data_section(kind='digits', mid_reso=1.0, hflip=False, num_threads=2,
                                   num_classes=10)
   c.loss.update(dict(l1=1.0, l2=1.0, vq=1.0))
-  c.optim.update(dict(lr=2e-3, b1=0.9, b2=0.95, wd=0.0, clip=1.0, sche='cos', warmup_steps=50,
-                      wpe=0.05))
+  c.optim.update(dict(lr=2e-3, b1=0.9, b2=0.95, weight_decay=0.0, grad_clip=1.0, schedule='cos',
+                      warmup_steps=50, final_lr=0.05))
   c.ema = 0.99
   c.codebook.update(dict(restart_every=100, restart_until=600, restart_threshold=0.05))
   c.batch_size = 32

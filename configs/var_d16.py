@@ -5,6 +5,14 @@ Command (8 hosts x 8 accelerators or any mesh; batch is global):
     --config.data.path=/data/imagenet   # train/<class>/*.JPEG, val/<class>/*.JPEG
   # TFDS instead: --config.data.kind=tfds --config.data.tfds_name=imagenet2012 --config.data.path=TFDS_DIR
   # bigger models: --config.mesh.fsdp=8 (FSDP) and/or --config.mesh.tensor=N
+  # no encoder in the step: encode once, then train from the tokens (crop/flip variants kept)
+  #   var-jax tokenize --config configs/var_d16.py --out /data/in256_tokens --crops 4 --flip \
+  #     --config.data.path=/data/imagenet
+  #   var-jax train ... --config.data.kind=tokens --config.data.path=/data/in256_tokens
+Speed options (see configs/common.py for what each costs and buys): model.attention='auto'
+(cuDNN flash attention on GPUs, splash on TPUs), vae.precision='default' (TF32 tokenizer
+convs, like the reference trainer), model.remat ('none', 'dots_saveable', 'block') to
+trade memory for recomputation; `benchmarks/train_bench.py --sweep` measures them.
 
 Hardware/time: not run at full scale in this repository. The reference trained it
 on A100 nodes in fp16; this port uses bf16 compute with f32 master weights.
@@ -19,6 +27,6 @@ common = import_sibling(__file__, 'common')
 def get_config():
   return common.var_config(
       depth=16, patch_nums=common.PN_256,
-      **{'batch_size': 768, 'ep': 200, 'optim.tblr': 1e-4, 'model.alng': 1e-3,
-         'optim.wpe': 0.1, 'optim.twde': 0.0, 'model.shared_aln': False,
+      **{'batch_size': 768, 'ep': 200, 'optim.base_lr': 1e-4, 'init.adaln_gamma': 1e-3,
+         'optim.final_lr': 0.1, 'optim.weight_decay_end': -1.0, 'model.shared_aln': False,
          'run.save_every': 2000, 'run.log_every': 100})

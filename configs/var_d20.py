@@ -19,6 +19,6 @@ common = import_sibling(__file__, 'common')
 def get_config():
   return common.var_config(
       depth=20, patch_nums=common.PN_256,
-      **{'batch_size': 768, 'ep': 250, 'optim.tblr': 1e-4, 'model.alng': 1e-3,
-         'optim.wpe': 0.1, 'optim.twde': 0.0, 'model.shared_aln': False,
+      **{'batch_size': 768, 'ep': 250, 'optim.base_lr': 1e-4, 'init.adaln_gamma': 1e-3,
+         'optim.final_lr': 0.1, 'optim.weight_decay_end': -1.0, 'model.shared_aln': False,
          'run.save_every': 2000, 'run.log_every': 100})

@@ -19,6 +19,6 @@ common = import_sibling(__file__, 'common')
 def get_config():
   return common.var_config(
       depth=24, patch_nums=common.PN_256,
-      **{'batch_size': 768, 'ep': 350, 'optim.tblr': 8e-5, 'model.alng': 1e-4,
-         'optim.wpe': 0.01, 'optim.twde': 0.0, 'model.shared_aln': False,
+      **{'batch_size': 768, 'ep': 350, 'optim.base_lr': 8e-5, 'init.adaln_gamma': 1e-4,
+         'optim.final_lr': 0.01, 'optim.weight_decay_end': -1.0, 'model.shared_aln': False,
          'run.save_every': 2000, 'run.log_every': 100})

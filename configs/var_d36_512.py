@@ -19,6 +19,6 @@ common = import_sibling(__file__, 'common')
 def get_config():
   return common.var_config(
       depth=36, patch_nums=common.PN_512,
-      **{'batch_size': 768, 'ep': 350, 'optim.tblr': 8e-5, 'model.alng': 5e-6,
-         'optim.wpe': 0.01, 'optim.twde': 0.08, 'model.shared_aln': True,
+      **{'batch_size': 768, 'ep': 350, 'optim.base_lr': 8e-5, 'init.adaln_gamma': 5e-6,
+         'optim.final_lr': 0.01, 'optim.weight_decay_end': 0.08, 'model.shared_aln': True,
          'run.save_every': 2000, 'run.log_every': 100, 'mesh.fsdp': 8})

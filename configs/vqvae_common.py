@@ -1,8 +1,9 @@
 """Shared recipe for the VQVAE-training configs (imported by configs/vqvae_*.py, digits_vqvae.py).
 
-`vqvae_config(**overrides)` returns the full ConfigDict. The model section holds the
-VQVAEConfig fields (defaults: the released vae_ch160v4096z32, f16, 10 scales); mesh,
-data and run sections are the VAR trainer's (configs/common.py). Loss defaults are
+`vqvae_config(**overrides)` returns the full ConfigDict. The model section holds
+VQVAEConfig's fields, 1:1 (defaults: the released vae_ch160v4096z32, f16, 10 scales);
+mesh, data and run sections are the VAR trainer's (configs/common.py), and the optim
+section uses the VAR configs' names where the meaning is shared. Loss defaults are
 reconstruction (L1) + the multi-scale VQ loss only; LPIPS and the discriminator are
 opt-in (loss.lpips > 0 with loss.lpips_weights, loss.disc > 0).
 """
@@ -15,14 +16,17 @@ common = import_sibling(__file__, 'common')
 
 def vqvae_config(**over):
   c = ml_collections.ConfigDict()
+  c.task = 'vqvae'               # the trainer (configs/common.py: 'var')
   c.seed = 0
-  c.model = ml_collections.ConfigDict(dict(
+  c.model = ml_collections.ConfigDict(dict(   # VQVAEConfig's fields
       vocab_size=4096, z_channels=32, ch=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
       using_sa=True, using_mid_sa=True, in_channels=3, dropout=0.0,
       beta=0.25,                 # commitment weight inside the VQ loss
       using_znorm=False, quant_conv_ks=3, quant_resi=0.5, share_quant_resi=4,
       default_qresi_counts=0, patch_nums=common.PN_256,
-      codebook_init=0.0,         # reference eini: >0 trunc-normal std, <0 uniform +-|e|/V, 0 N(0,1)
+  ))
+  c.init = ml_collections.ConfigDict(dict(
+      codebook=0.0,              # eini: >0 trunc-normal std, <0 uniform +-|e|/V, 0 N(0,1)
   ))
   c.data = common.data_section(mid_reso=1.125, hflip=True)
   c.loss = ml_collections.ConfigDict(dict(
@@ -37,8 +41,14 @@ def vqvae_config(**over):
       disc_ndf=64, disc_layers=3,
   ))
   c.optim = ml_collections.ConfigDict(dict(
-      lr=1e-4, b1=0.5, b2=0.9, eps=1e-8, wd=0.0, wd_end=0.0, clip=0.0,   # clip <= 0: none
-      sche='cos', warmup_steps=0, wp0=0.005, wpe=0.1,
+      lr=1e-4, b1=0.5, b2=0.9, eps=1e-8,
+      weight_decay=0.0,
+      weight_decay_end=-1.0,     # cosine to this at the end; -1: constant
+      grad_clip=0.0,             # global-norm clip (<= 0: none)
+      schedule='cos',            # lr decay after warm-up (cos, lin, lin0, lin00, lin<T>, exp)
+      warmup_steps=0,
+      warmup_start=0.005,        # lr factor at step 0
+      final_lr=0.1,              # lr factor at the end
       disc_lr=-1.0,              # < 0: same as lr
   ))
   c.ema = 0.0                    # EMA decay of the weights (0: off)
@@ -49,6 +59,7 @@ def vqvae_config(**over):
       restart_noise=0.01,        # noise (x std of the latents) added to restarted codes
   ))
   c.batch_size = 256
+  c.ep = 0                       # epochs, used when total_steps <= 0
   c.total_steps = 100_000
   c.mesh = common.mesh_section()
   c.logical_axis_rules = ()

@@ -20,7 +20,7 @@ def get_config():
   c = vq.vqvae_config()
   c.data = vq.common.data_section(kind='folder', mid_reso=1.125, hflip=True)
   c.loss.update(dict(l1=1.0, lpips=1.0, vq=1.0, disc=0.1, disc_start=50_000))
-  c.optim.update(dict(lr=4e-4 * 256 / 256, warmup_steps=5000, sche='cos'))
+  c.optim.update(dict(lr=4e-4 * 256 / 256, warmup_steps=5000, schedule='cos'))
   c.ema = 0.9999
   c.codebook.update(dict(restart_every=1000, restart_until=250_000))
   c.batch_size = 256

@@ -3,7 +3,7 @@
 # so no jax.distributed is needed. Re-running the same command resumes from WORKDIR.
 #
 #   WORKDIR=/ckpt/var_d16 DATA=/data/imagenet launch/gpu_single_host.sh configs/var_d16.py \
-#     --config.batch_size=256 --config.optim.ac=3        # 768 per update on less memory
+#     --config.batch_size=256 --config.optim.grad_accum=3   # 768 per update on less memory
 #
 # Env: WORKDIR (required), DATA (image folder root with train/ and val/), VENV (default .venv).
 # Install once: python -m venv .venv && .venv/bin/pip install 'jax[cuda12]' -e .

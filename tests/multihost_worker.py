@@ -22,7 +22,7 @@ from flax import traverse_util  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from var_jax.config_loader import load_config  # noqa: E402
-from var_jax.train.var_trainer import VARTrainer  # noqa: E402
+from var_jax.train import loop  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 cfg = load_config(str(ROOT / 'configs' / 'var_tiny.py'), [
@@ -32,9 +32,8 @@ cfg = load_config(str(ROOT / 'configs' / 'var_tiny.py'), [
     '--config.run.export=false', '--config.total_steps=3', '--config.run.save_every=2',
     '--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.data.hflip=true'])
 assert jax.device_count() == 4, jax.device_count()
-trainer = VARTrainer(cfg, workdir)
-summary = trainer.train()
-params = multihost_utils.process_allgather(trainer.state.params, tiled=True)
+state, summary = loop.train_and_evaluate(cfg, workdir)
+params = multihost_utils.process_allgather(state.params, tiled=True)
 if pid == 0:
   np.savez(out, **{k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep='/').items()})
 print('summary', summary, flush=True)

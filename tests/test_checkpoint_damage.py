@@ -97,9 +97,14 @@ def test_save_lists_every_file(saved):
   checkpoint.restore(saved)  # and it restores
 
 
-def _damaged(src, tmp_path, name, damage):
+def _damaged(src, tmp_path, name, damage, unlisted=False):
   d = tmp_path / name
   shutil.copytree(src, d)
+  if unlisted:   # a checkpoint written before the file table existed: orbax's own errors
+    marker = d / checkpoint.MARKER
+    meta = json.loads(marker.read_text())
+    meta.pop('files', None)
+    marker.write_text(json.dumps(meta))
   return d, damage(d)
 
 
@@ -121,7 +126,7 @@ def test_nothing_else_is_printed(saved, tmp_path):
     d, named = _damaged(saved, tmp_path / 'listed', name, damage)
     cases.append((str(d), str(named), pattern))
   for name, damage, rel, pattern in DAMAGE_UNLISTED:
-    d, _ = _damaged(DIGITS, tmp_path / 'unlisted', name, damage)
+    d, _ = _damaged(DIGITS, tmp_path / 'unlisted', name, damage, unlisted=True)
     cases.append((str(d), str(d / rel), pattern))
   script = textwrap.dedent('''
       import json, sys, time

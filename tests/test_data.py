@@ -37,8 +37,9 @@ def test_corrupt_image_is_skipped_and_counted(folder):
   it = images.make_pipeline(src, global_batch_size=4, image_size=16, train=True, seed=0, num_threads=2)
   batches = [next(it) for _ in range(6)]   # 24 good images = exactly 2 epochs of 13 files
   for b in batches:
-    assert b['image'].shape == (4, 16, 16, 3) and b['image'].dtype == np.float32
-    assert -1 <= b['image'].min() and b['image'].max() <= 1
+    assert b['image'].shape == (4, 16, 16, 3) and b['image'].dtype == np.uint8
+    x = augment.to_pm1(b['image'])
+    assert x.dtype == np.float32 and -1 <= x.min() and x.max() <= 1
   assert it.num_skipped == 2   # the corrupt file, once per epoch seen
   # eval: corrupt image masked (not dropped), last batch padded, every real image once
   ev = list(images.make_pipeline(src, global_batch_size=4, image_size=16, train=False, num_threads=2))

@@ -38,7 +38,7 @@ def test_pipeline_takes_digits_source():
   assert len(src) == 1500 and src.num_classes == 10
   assert len(images.make_source(cfg, 'eval', 32)) == 297
   it = images.make_pipeline(src, global_batch_size=16, image_size=32, train=True, seed=0,
-                            mid_reso=1.0, num_threads=1, normalize=False)
+                            mid_reso=1.0, num_threads=1)
   b = next(it)
   assert b['image'].shape == (16, 32, 32, 3) and b['image'].dtype == np.uint8
   # no crop/resize at mid_reso 1.0: the images are the data set's

@@ -1,17 +1,20 @@
-"""Trainer tests on CPU with 8 fake devices and the tiny config (configs/var_tiny.py)."""
+"""VAR training tests on CPU with 8 fake devices (tests/conftest.py) and the tiny config."""
+import json
 import math
 import os
 import pathlib
+import shutil
 import signal
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from var_jax.train import checkpoint_manager, optim
 from var_jax.config_loader import load_config
-from var_jax.train.var_trainer import VARTrainer
+from var_jax.data import images
+from var_jax.train import checkpoint_manager, loop, optim, tokenize, var_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / 'configs' / 'var_tiny.py')
@@ -40,11 +43,11 @@ def tree_equal(a, b):
 
 # --- config and schedules ---------------------------------------------------------------------
 def test_config_overrides_are_typed_and_locked():
-  c = load_config(TINY, ['--config.batch_size=32', '--config.optim.tblr=3e-4',
+  c = load_config(TINY, ['--config.batch_size=32', '--config.optim.base_lr=3e-4',
                          '--config.data.hflip=true', '--config.mesh.fsdp=2'])
-  assert (c.batch_size, c.optim.tblr, c.data.hflip, c.mesh.fsdp) == (32, 3e-4, True, 2)
+  assert (c.batch_size, c.optim.base_lr, c.data.hflip, c.mesh.fsdp) == (32, 3e-4, True, 2)
   with pytest.raises(ValueError, match='did you mean'):
-    load_config(TINY, ['--config.optim.tblrr=1'])
+    load_config(TINY, ['--config.optim.base_lrr=1'])
   with pytest.raises(ValueError, match='expects int'):
     load_config(TINY, ['--config.batch_size=big'])
 
@@ -52,7 +55,7 @@ def test_config_overrides_are_typed_and_locked():
 @pytest.mark.parametrize('name', ['var_d16', 'var_d20', 'var_d24', 'var_d30', 'var_d36_512'])
 def test_release_configs_load(name):
   c = load_config(str(ROOT / 'configs' / f'{name}.py'))
-  assert c.model.embed_dim == 64 * c.model.depth and c.optim.b2 == 0.95 and c.optim.tclip == 2.0
+  assert c.model.embed_dim == 64 * c.model.depth and c.optim.b2 == 0.95 and c.optim.grad_clip == 2.0
   assert math.isclose(c.model.drop_path_rate, 0.1 * c.model.depth / 24)
 
 
@@ -78,8 +81,8 @@ def _reference_lr_wd(sche, peak, wd, wd_end, it, wp_it, max_it, wp0, wpe):
 
 @pytest.mark.parametrize('sche', ['lin0', 'cos', 'lin0.3'])
 def test_lr_wd_schedule_matches_reference(sche):
-  spec = optim.OptimSpec(peak_lr=3e-4, wd=0.05, wd_end=0.08, sche=sche, warmup_steps=20.4,
-                         wp0=0.005, wpe=0.01)
+  spec = optim.OptimSpec(peak_lr=3e-4, weight_decay=0.05, weight_decay_end=0.08, schedule=sche,
+                         warmup_steps=20.4, warmup_start=0.005, final_lr=0.01)
   lr, wd = optim.lr_schedule(spec, 500), optim.wd_schedule(spec, 500)
   for it in [0, 1, 19, 20, 21, 40, 250, 498, 499]:
     ref_lr, ref_wd = _reference_lr_wd(sche, 3e-4, 0.05, 0.08, it, 20.4, 500, 0.005, 0.01)
@@ -99,29 +102,36 @@ def test_no_weight_decay_mask():
 
 # --- the step -----------------------------------------------------------------------------------
 SHARED = ['--config.data.synthetic_examples=16', '--config.model.cond_drop_rate=0.0', '--config.data.hflip=true', '--config.total_steps=100', '--config.optim.lr=4e-3',
-          '--config.optim.wp=0.5', '--config.run.save_every=2']
+          '--config.optim.warmup_epochs=0.5', '--config.run.save_every=2']
 
 
 @pytest.fixture(scope='module')
-def t8(tmp_path_factory):
-  """One (data=2, fsdp=4) trainer shared by the tests below (compiled once)."""
-  cfg = tiny_config(*SHARED, '--config.mesh.data=2', '--config.mesh.fsdp=4')
-  return VARTrainer(cfg, str(tmp_path_factory.mktemp('eight')))
+def t8():
+  """One (data=2, fsdp=4) task shared by the tests below (compiled once)."""
+  return loop.make_task(tiny_config(*SHARED, '--config.mesh.data=2', '--config.mesh.fsdp=4'),
+                        devices=jax.devices()[:8])
 
 
-def _one_step(trainer, local_batch):
-  state = trainer.init_state()
-  batch = trainer.global_batch_arrays(local_batch)
-  lw = jnp.asarray(trainer.loss_weights(0))
-  with jax.set_mesh(trainer.mesh):
-    new_state, metrics = trainer._train_step(state, trainer.vae_params, batch, lw)
+def first_batch(task):
+  c = task.ctx
+  it = loop.data_lib.make_train_pipeline(c.source, c.config.data, seed=c.config.seed,
+                                         global_batch_size=c.global_batch,
+                                         image_size=task.image_size(c.config))
+  return next(it)
+
+
+def _one_step(task, local_batch):
+  state = task.init_state()
+  batch = loop.global_batch(local_batch, task.batch_shardings)
+  with task.ctx.activate():
+    new_state, metrics = task.train_step(state, batch, 0)
   return new_state, jax.device_get(metrics)
 
 
 @pytest.mark.slow
-def test_sharded_step_equals_single_device(t8, tmp_path):
-  t1 = VARTrainer(tiny_config(*SHARED, '--config.mesh.data=1'), str(tmp_path), devices=jax.devices()[:1])
-  local = next(t1.make_train_iter())
+def test_sharded_step_equals_single_device(t8):
+  t1 = loop.make_task(tiny_config(*SHARED, '--config.mesh.data=1'), devices=jax.devices()[:1])
+  local = first_batch(t1)
   s1, m1 = _one_step(t1, local)
   s8, m8 = _one_step(t8, local)
   assert len(s8.params['head']['kernel'].sharding.device_set) == 8
@@ -131,11 +141,12 @@ def test_sharded_step_equals_single_device(t8, tmp_path):
   assert tree_max_diff(s1.opt_state, s8.opt_state) < 1e-5
 
 
-def test_grad_accumulation_matches_full_batch(t8, tmp_path):
-  """ac=2 micro-batches give the full-batch update (no dropout in the shared config)."""
-  t2 = VARTrainer(tiny_config(*SHARED, '--config.mesh.data=2', '--config.mesh.fsdp=4',
-                              '--config.optim.ac=2'), str(tmp_path))
-  local = next(t8.make_train_iter())
+@pytest.mark.slow
+def test_grad_accumulation_matches_full_batch(t8):
+  """grad_accum=2 micro-batches give the full-batch update (no dropout in the shared config)."""
+  t2 = loop.make_task(tiny_config(*SHARED, '--config.mesh.data=2', '--config.mesh.fsdp=4',
+                                  '--config.optim.grad_accum=2'), devices=jax.devices()[:8])
+  local = first_batch(t8)
   s1, m1 = _one_step(t8, local)
   s2, m2 = _one_step(t2, local)
   assert abs(float(m1['loss']) - float(m2['loss'])) < 1e-5
@@ -143,57 +154,60 @@ def test_grad_accumulation_matches_full_batch(t8, tmp_path):
 
 
 def test_progressive_loss_weights():
-  cfg = tiny_config('--config.vae.patch_nums=(1, 2, 3, 4)', '--config.pg=0.5', '--config.pg0=1',
-                    '--config.total_steps=100', '--config.pgwp=0.0')
-  t = VARTrainer.__new__(VARTrainer)  # schedule only: no models needed
+  """progressive.until=0.5 from stage 1 over 100 steps (2 warm-up steps), 4 scales."""
   from var_jax.config import VARConfig
-  t.cfg, t.var_cfg, t.total_steps = cfg, VARConfig(patch_nums=(1, 2, 3, 4)), 100
-  t.optim_spec, t.pg_warmup_steps = optim.OptimSpec(warmup_steps=2), 100 / 300 * 4
-  assert t.prog_stage(0) == (1, 1.0)
-  si, wp = t.prog_stage(30)
+  var_cfg = VARConfig(patch_nums=(1, 2, 3, 4))
+  stage = lambda step: var_step.progressive_stage(
+      step, num_scales=4, until=0.5, start_stage=1, warmup_steps=2, total_steps=100,
+      stage_warmup_steps=100 / 300 * 4)
+  assert stage(0) == (1, 1.0)
+  si, wp = stage(30)
   assert si == 2 and 0.01 <= wp <= 1
-  lw = t.loss_weights(30)
+  lw = var_step.loss_weights(var_cfg.L, var_cfg.begin_ends, si, wp)
   assert np.all(lw[14:] == 0) and np.all(lw[:5] == np.float32(1 / 30))
-  assert t.prog_stage(60) == (-1, 1.0)
+  assert stage(60) == (-1, 1.0)
 
 
 # --- training behaviour ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_model_overfits(t8, tmp_path):
   """Two batches of 8 images, 100 steps: the loss falls by more than half."""
-  t8.cfg.run.save_every = 1000
+  t8.ctx.config.run.save_every = 1000
   try:
-    first = t8.train(stop_after=1, workdir=str(tmp_path))['loss']
-    out = t8.train(workdir=str(tmp_path))
+    first = loop.run(t8, str(tmp_path), stop_after=1)[1]['loss']
+    _, out = loop.run(t8, str(tmp_path))
   finally:
-    t8.cfg.run.save_every = 2
+    t8.ctx.config.run.save_every = 2
   assert out['status'] == 'done' and out['step'] == 100
   assert out['loss'] < first / 2, (first, out['loss'])
 
 
 def test_resume_is_bit_identical_and_sigterm_saves(t8, tmp_path):
   t = t8
-  full = t.train(stop_after=6, workdir=str(tmp_path / 'straight'))
+  state, full = loop.run(t, str(tmp_path / 'straight'), stop_after=6)
   assert full['step'] == 6
-  params_full = jax.device_get(t.state.params)
+  params_full = jax.device_get(state.params)
 
-  # interrupted by SIGTERM after the 3rd batch: saves step 3 and stops cleanly
-  orig = t.global_batch_arrays
+  # interrupted by SIGTERM during the 3rd step: saves step 3 and stops cleanly
+  orig = t.train_step
   calls = []
 
-  def batch_then_sigterm(local):
+  def step_then_sigterm(*args):
     calls.append(1)
     if len(calls) == 3:
       os.kill(os.getpid(), signal.SIGTERM)
-    return orig(local)
+    return orig(*args)
 
-  t.global_batch_arrays = batch_then_sigterm
-  part = t.train(workdir=str(tmp_path / 'resumed'))
-  t.global_batch_arrays = orig
+  t.train_step = step_then_sigterm
+  try:
+    _, part = loop.run(t, str(tmp_path / 'resumed'))
+  finally:
+    del t.train_step
   assert part['status'] == 'preempted' and part['step'] == 3
   assert checkpoint_manager.CheckpointManager(str(tmp_path / 'resumed' / 'checkpoints')).latest_step() == 3
-  rest = t.train(stop_after=6, workdir=str(tmp_path / 'resumed'))
+  state, rest = loop.run(t, str(tmp_path / 'resumed'), stop_after=6)
   assert rest['status'] == 'done' and rest['step'] == 6
-  assert tree_equal(params_full, jax.device_get(t.state.params))
+  assert tree_equal(params_full, jax.device_get(state.params))
 
 
 def test_unfinished_checkpoint_is_ignored(tmp_path):
@@ -217,18 +231,269 @@ def test_unfinished_checkpoint_is_ignored(tmp_path):
 @pytest.mark.parametrize('policy', ['stop', 'skip'])
 def test_non_finite_loss(tmp_path, t8, policy):
   t1 = t8
-  t1.cfg.run.nan_policy = policy
+  t1.ctx.config.run.nan_policy = policy
   good = t1.vae_params
   t1.vae_params = jax.tree_util.tree_map(lambda x: x * jnp.nan, good)   # NaN tokenizer -> NaN loss
   try:
     if policy == 'stop':
       with pytest.raises(FloatingPointError, match='non-finite'):
-        t1.train(stop_after=3, workdir=str(tmp_path))
+        loop.run(t1, str(tmp_path), stop_after=3)
       assert checkpoint_manager.CheckpointManager(str(tmp_path / 'checkpoints')).latest_step() is None
     else:
-      out = t1.train(stop_after=3, workdir=str(tmp_path))
+      state, out = loop.run(t1, str(tmp_path), stop_after=3)
       assert out['skipped_updates'] == 3
-      assert tree_equal(t1.init_state().params, jax.device_get(t1.state.params))
+      assert tree_equal(t1.init_state().params, jax.device_get(state.params))
   finally:
     t1.vae_params = good
-    t1.cfg.run.nan_policy = 'stop'
+    t1.ctx.config.run.nan_policy = 'stop'
+
+
+# --- configs: one place, readable names, the former ones still accepted ----------------------
+def test_renamed_keys_are_accepted_with_a_message(tmp_path, capsys):
+  c = load_config(TINY, ['--config.optim.tblr=3e-4', '--config.model.aln=0.1', '--config.pg=0.5',
+                         '--config.optim.twde=0', '--config.optim.ac=2'])
+  assert (c.optim.base_lr, c.init.adaln, c.progressive.until, c.optim.grad_accum) == (3e-4, 0.1, 0.5, 2)
+  assert c.optim.weight_decay_end == -1.0   # the reference's twde=0: constant weight decay
+  err = capsys.readouterr().err.splitlines()
+  assert "var-jax: config key 'optim.tblr' is deprecated, use 'optim.base_lr'" in err
+  assert "var-jax: config key 'pg' is deprecated, use 'progressive.until'" in err and len(err) == 5
+  # a config file written with the former names (and the VQVAE configs' former names)
+  old = tmp_path / 'old_names.py'
+  old.write_text(
+      'from var_jax.config_loader import import_sibling\n'
+      f'common = import_sibling({TINY!r}, "common")\n'
+      'def get_config():\n'
+      '  c = common.var_config(depth=2, **{"optim.sche": "cos"})\n'
+      '  c.optim.tclip = 1.5\n'
+      '  c.model.update(dict(hd=0.5))\n'
+      '  return c\n')
+  c = load_config(str(old))
+  assert (c.optim.schedule, c.optim.grad_clip, c.init.head) == ('cos', 1.5, 0.5)
+  assert 'tclip' not in c.optim and 'hd' not in c.model
+  assert len(capsys.readouterr().err.splitlines()) == 3
+  v = load_config(str(ROOT / 'configs' / 'vqvae_small.py'), ['--config.optim.clip=0.5',
+                                                              '--config.model.codebook_init=-1'])
+  assert (v.optim.grad_clip, v.init.codebook) == (0.5, -1.0)
+
+
+@pytest.mark.parametrize('name', ['var_tiny', 'var_d16', 'var_d36_512', 'digits_var', 'vqvae_small',
+                                  'digits_vqvae', 'vqvae_f16_release'])
+def test_model_sections_map_onto_the_dataclasses(name):
+  from var_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQVAEConfig
+  from var_jax.train import frozen_tokenizer, var_task
+  c = load_config(str(ROOT / 'configs' / f'{name}.py'))
+  assert loop.task_class(c).__name__ == ('VARTask' if c.task == 'var' else 'VQVAETask')
+  if c.task == 'vqvae':
+    vc = VQVAEConfig.from_section(c.model)
+    assert vc.v_patch_nums == tuple(c.model.patch_nums)
+    return
+  vae = frozen_tokenizer.section_config(c.vae)
+  var = VARConfig.from_section(c.model, ignore=var_task.MODEL_RUN_KEYS, patch_nums=vae.v_patch_nums)
+  assert (var.depth, var.embed_dim, var.num_classes) == (c.model.depth, c.model.embed_dim, c.model.num_classes)
+  if name.startswith('var_d'):
+    assert vae.v_patch_nums == (PATCH_NUMS_512 if name.endswith('512') else PATCH_NUMS_256)
+  with pytest.raises(ValueError, match='no field'):
+    VARConfig.from_section(c.model, patch_nums=vae.v_patch_nums)   # attention/remat are not fields
+
+
+# --- pre-tokenised data (var-jax tokenize, data.kind=tokens) ---------------------------------
+def _tokenize(config, out, crops=1, flip=False):
+  return tokenize.tokenize(config, str(out), crops=crops, flip=flip, shard_size=6, batch_size=4,
+                           log=lambda msg: None)
+
+
+@pytest.fixture(scope='module')
+def tokens_dir(t8, tmp_path_factory):
+  """t8's 16 training images (one crop each) and 4 eval images, encoded by its tokenizer."""
+  out = tmp_path_factory.mktemp('tok') / 'tokens'
+  _tokenize(t8.ctx.config, out)
+  return out
+
+
+def token_config(path, *extra):
+  return tiny_config(*SHARED, '--config.mesh.data=2', '--config.mesh.fsdp=4',
+                     '--config.data.kind=tokens', f'--config.data.path={path}', *extra)
+
+
+@pytest.mark.slow
+def test_first_loss_from_tokens_equals_loss_from_images(t8, tokens_dir):
+  tt = loop.make_task(token_config(tokens_dir), devices=jax.devices()[:8])
+  local = first_batch(tt)
+  assert local['tokens'].shape == (8, 14) and 'image' not in local
+  # the same crops as images, in the image pipelines' stream order
+  src, c = t8.ctx.source, t8.ctx.config
+  stream, _ = images.stream(len(src), 8, train=True, seed=c.seed)
+  idx = [stream[k][1] for k in range(8)]
+  imgs = np.stack([tokenize.variants(src[i], 6, mid_reso=c.data.mid_reso, crops=1, flip=False,
+                                     seed=c.seed, index=i)[0] for i in idx])
+  labels = np.asarray([src[i]['label'] for i in idx], np.int32)
+  np.testing.assert_array_equal(labels, local['label'])
+  gt, _ = var_step.make_targets(t8.vae_model, False)(t8.vae_params, {'image': jnp.asarray(imgs)})
+  np.testing.assert_array_equal(np.asarray(gt), local['tokens'])
+  s_img, m_img = _one_step(t8, {'image': imgs, 'label': labels})
+  s_tok, m_tok = _one_step(tt, local)
+  assert abs(float(m_img['loss']) - float(m_tok['loss'])) < 1e-6
+  assert tree_max_diff(s_img.params, s_tok.params) < 1e-6
+
+
+def test_tokens_made_otherwise_or_truncated_are_refused(tokens_dir, tmp_path):
+  eight = jax.devices()[:8]
+  with pytest.raises(ValueError, match='patch_nums'):
+    loop.make_task(token_config(tokens_dir, '--config.vae.patch_nums=(1, 2, 4)'), devices=eight)
+  with pytest.raises(ValueError, match='another tokenizer'):
+    loop.make_task(token_config(tokens_dir, '--config.vae.quant_resi=0.25'), devices=eight)
+  broken = tmp_path / 'broken'
+  shutil.copytree(tokens_dir, broken)
+  shard = broken / 'train-00001-of-00003.array_record'
+  shard.write_bytes(shard.read_bytes()[:1000])
+  with pytest.raises(ValueError, match='truncated'):
+    loop.make_task(token_config(broken), devices=eight)
+
+
+def test_tokenize_resumes_and_refuses_other_folders(t8, tokens_dir, tmp_path):
+  c = t8.ctx.config
+  out = tmp_path / 'killed'
+  shutil.copytree(tokens_dir, out)
+  # as a killed run leaves it: manifest not complete, a shard missing, a temporary file
+  manifest = json.loads((out / 'manifest.json').read_text())
+  (out / 'manifest.json').write_text(json.dumps(dict(manifest, complete=False)))
+  lost, kept = out / 'train-00001-of-00003.array_record', out / 'train-00000-of-00003.array_record'
+  want, mtime = lost.read_bytes(), kept.stat().st_mtime_ns
+  lost.unlink()
+  (out / '.train-00001-of-00003.array_record.tmp-123').write_bytes(b'partial')
+  assert _tokenize(c, out)['complete']
+  assert lost.read_bytes() == want and kept.stat().st_mtime_ns == mtime
+  assert not [f for f in os.listdir(out) if 'tmp' in f]
+  assert json.loads((out / 'manifest.json').read_text()) == manifest
+  # other settings, or a folder it did not make: refused, nothing touched
+  with pytest.raises(FileExistsError, match='other settings'):
+    _tokenize(c, out, crops=2)
+  mine = tmp_path / 'mine'
+  mine.mkdir()
+  (mine / 'notes.txt').write_text('mine')
+  with pytest.raises(FileExistsError, match='not made by var-jax tokenize'):
+    _tokenize(c, mine)
+  assert os.listdir(mine) == ['notes.txt']
+
+
+# --- hardening: damaged checkpoints, one metrics row per step, errors, faults -----------------
+def _rows(workdir):
+  return [json.loads(line)['step'] for line in (pathlib.Path(workdir) / 'metrics.jsonl').open()]
+
+
+def test_damaged_latest_checkpoint_is_set_aside_and_the_run_continues(t8, tmp_path, capsys):
+  t8.ctx.config.run.log_every = 1
+  try:
+    straight, _ = loop.run(t8, str(tmp_path / 'straight'), stop_after=6)
+    work = tmp_path / 'damaged'
+    loop.run(t8, str(work), stop_after=4)                  # checkpoints 2 and 4 (keep=2)
+    for f in (work / 'checkpoints' / '4' / 'state').rglob('d/*'):   # truncate the array data
+      f.write_bytes(f.read_bytes()[:8])
+    capsys.readouterr()
+    state, out = loop.run(t8, str(work), stop_after=6)
+  finally:
+    t8.ctx.config.run.log_every = 1000
+  err = capsys.readouterr().err
+  assert 'checkpoint 4 cannot be restored' in err and 'Traceback' not in err
+  assert (work / 'damaged_checkpoints' / '4' / 'state').is_dir()    # kept, never deleted
+  assert out['status'] == 'done' and out['step'] == 6
+  assert tree_equal(jax.device_get(straight.params), jax.device_get(state.params))
+  assert _rows(work) == list(range(1, 7))                  # steps 3, 4 logged once after the resume
+
+
+def test_a_checkpoint_of_another_model_is_an_error_not_damage(t8, tmp_path):
+  work = tmp_path / 'run'
+  loop.run(t8, str(work), stop_after=2)
+  other = loop.make_task(tiny_config(*SHARED, '--config.model.embed_dim=32', '--config.mesh.data=1'),
+                         devices=jax.devices()[:1])
+  with pytest.raises(ValueError, match='another model'):
+    loop.run(other, str(work))
+  assert (work / 'checkpoints' / '2').is_dir() and not (work / 'damaged_checkpoints').exists()
+
+
+@pytest.mark.parametrize('argv, code, message', [
+    (['--config', 'configs/missing.py'], 1, "config file 'configs/missing.py' not found"),
+    (['--config', TINY, '--config.batchsize=8'], 2, "did you mean 'batch_size'?"),
+    (['--config', TINY, '--config.batch_size=eight'], 2, "config key 'batch_size' expects int"),
+    (['--config', TINY, '--config.vae.checkpoint=/nonexistent/vae.pth'], 1, 'not found'),
+    (['--config', TINY, '--config.model.attention=flash'], 2, 'attention must be one of'),
+])
+def test_train_errors_are_one_line(tmp_path, capsys, argv, code, message):
+  from var_jax import cli
+  assert cli.main(['train', '--workdir', str(tmp_path / 'w'), *argv]) == code
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('var-jax train: error: ') and message in err[0], err
+
+
+def test_tokens_folder_errors_exit_1(t8, tokens_dir, tmp_path, capsys):
+  from var_jax import cli
+  args = ['train', '--workdir', str(tmp_path / 'w'), '--config', TINY, *FAST, *SHARED,
+          '--config.data.kind=tokens', f'--config.data.path={tokens_dir}',
+          '--config.vae.quant_resi=0.25']
+  assert cli.main(args) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'another tokenizer' in err[0]
+
+
+def _train_cmd(workdir, *extra):
+  return [sys.executable, '-m', 'var_jax.cli', 'train', '--config', TINY, '--workdir', str(workdir),
+          *FAST, '--config.data.synthetic_examples=16', '--config.total_steps=10',
+          '--config.run.save_every=2', '--config.run.log_every=1', '--config.run.export=true',
+          '--config.run.async_checkpoint=true', *extra]
+
+
+def _env():
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT), PYTHONUNBUFFERED='1')
+  env['XLA_FLAGS'] = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
+                              if 'device_count' not in f)   # one CPU device: fast start-up
+  return env
+
+
+def _run_until(workdir, trigger, delay, sig=signal.SIGKILL):
+  """Runs the tiny training in a subprocess and sends `sig` `delay` s after the step line
+  that `trigger(step, n)` accepts (n: lines so far in this run); returns the exit code."""
+  import subprocess
+  import time
+  p = subprocess.Popen(_train_cmd(workdir), env=_env(), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
+  try:
+    n = 0
+    for line in p.stdout:
+      if line.startswith('[var] step '):
+        n += 1
+        if trigger(int(line.split()[2].rstrip(':')), n):
+          time.sleep(delay)
+          p.send_signal(sig)
+          break
+    p.stdout.read()
+    return p.wait(timeout=300)
+  finally:
+    if p.poll() is None:
+      p.kill()
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_rerun_is_bit_identical(tmp_path):
+  """SIGTERM once (saves, exit 75), then SIGKILL at seeded random moments, one of them
+  mid-save (an even step's line is printed right after its asynchronous save starts),
+  then a rerun: the final parameters equal an uninterrupted run's, and metrics.jsonl
+  has each step once."""
+  import subprocess
+  from var_jax import checkpoint
+  ref = tmp_path / 'straight'
+  assert subprocess.run(_train_cmd(ref), env=_env(), capture_output=True).returncode == 0
+  work = tmp_path / 'killed'
+  assert _run_until(work, lambda step, n: n == 2, 0.0, signal.SIGTERM) == loop.PREEMPTED_EXIT_CODE
+  rng = np.random.default_rng(0)
+  for kill in range(3):
+    if kill == 1:   # during the save of the first even step of this run
+      assert _run_until(work, lambda step, n: step % 2 == 0, 0.0) == -signal.SIGKILL
+    else:
+      nth, delay = int(rng.integers(1, 3)), float(rng.uniform(0, 0.3))
+      assert _run_until(work, lambda step, n: n == nth, delay) == -signal.SIGKILL
+  done = subprocess.run(_train_cmd(work), env=_env(), capture_output=True, text=True)
+  assert done.returncode == 0, done.stdout[-2000:]
+  want, got = checkpoint.restore(ref / 'export'), checkpoint.restore(work / 'export')
+  assert tree_equal(want[2], got[2]) and tree_equal(want[1], got[1])
+  assert _rows(work) == list(range(1, 11))
+  assert not [p for p in work.rglob('*') if 'tmp' in p.name]

@@ -11,9 +11,9 @@ import pytest
 from flax import linen as nn
 
 from conftest import FIXTURES, ROOT
-from var_jax.eval import metrics as M
-from var_jax.train import losses as Ls
 from var_jax.config_loader import load_config, set_value
+from var_jax.eval import metrics as M
+from var_jax.train import loop, loss_networks as N, losses as Ls
 
 
 # --- metrics --------------------------------------------------------------------------
@@ -74,8 +74,8 @@ def test_recon_loss():
 
 def _fake_vgg_state_dict(rng, with_lin=True):
   sd, cin = {}, 3
-  convs = iter(Ls.vgg16_conv_indices())
-  for v in Ls.VGG16_LAYOUT:
+  convs = iter(N.vgg16_conv_indices())
+  for v in N.VGG16_LAYOUT:
     if v == 'M':
       continue
     i = next(convs)
@@ -83,7 +83,7 @@ def _fake_vgg_state_dict(rng, with_lin=True):
     sd[f'features.{i}.bias'] = (0.01 * rng.standard_normal(v)).astype(np.float32)
     cin = v
   if with_lin:
-    for k, c in enumerate(Ls.LPIPS_CHANNELS):
+    for k, c in enumerate(N.LPIPS_CHANNELS):
       sd[f'lin{k}.model.1.weight'] = rng.uniform(0, 1, (1, c, 1, 1)).astype(np.float32)
   return sd
 
@@ -93,7 +93,7 @@ def test_lpips_loader_layout_and_values(tmp_path, caplog):
   sd = _fake_vgg_state_dict(rng)
   path = tmp_path / 'lpips.npz'
   np.savez(path, **sd)
-  params = Ls.load_lpips_params(str(path))
+  params = N.load_lpips_params(str(path))
   # torch OIHW -> flax HWIO: the first conv agrees with a direct cross-correlation
   x = rng.uniform(-1, 1, (1, 5, 5, 3)).astype(np.float32)
   conv = nn.Conv(64, (3, 3), padding=((1, 1), (1, 1)))
@@ -104,7 +104,7 @@ def test_lpips_loader_layout_and_values(tmp_path, caplog):
                    for r in range(5)]) + b
   np.testing.assert_allclose(np.asarray(got[0]), want, atol=1e-4)
   np.testing.assert_allclose(params['lin2'], sd['lin2.model.1.weight'].reshape(-1))
-  lp = Ls.LPIPS()
+  lp = N.LPIPS()
   a = jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
   d_same = np.asarray(lp.apply({'params': params}, a, a))
   d_diff = np.asarray(lp.apply({'params': params}, a, a[::-1]))
@@ -114,24 +114,24 @@ def test_lpips_loader_layout_and_values(tmp_path, caplog):
   no_lin = tmp_path / 'vgg.npz'
   np.savez(no_lin, **_fake_vgg_state_dict(rng, with_lin=False))
   with caplog.at_level(logging.WARNING, logger='var_jax.train'):
-    p2 = Ls.load_lpips_params(str(no_lin))
+    p2 = N.load_lpips_params(str(no_lin))
   assert 'linear heads' in caplog.text
   np.testing.assert_array_equal(p2['lin4'], np.ones(512, np.float32))
 
 
 def test_lpips_off_when_absent_and_error_when_wrong(tmp_path, caplog):
   with caplog.at_level(logging.WARNING, logger='var_jax.train'):
-    assert Ls.load_lpips_params('') is None
-    assert Ls.load_lpips_params(str(tmp_path / 'missing.pth')) is None
+    assert N.load_lpips_params('') is None
+    assert N.load_lpips_params(str(tmp_path / 'missing.pth')) is None
   assert 'perceptual loss OFF' in caplog.text
   bad = tmp_path / 'bad.npz'
   np.savez(bad, **{'features.0.weight': np.zeros((64, 3, 3, 3), np.float32)})
   with pytest.raises(ValueError, match='VGG16'):
-    Ls.load_lpips_params(str(bad))
+    N.load_lpips_params(str(bad))
 
 
 def test_patch_discriminator_and_hinge():
-  d = Ls.PatchDiscriminator(ndf=16, n_layers=2)
+  d = N.PatchDiscriminator(ndf=16, n_layers=2)
   x = jnp.zeros((2, 32, 32, 3))
   params = nn.meta.unbox(d.init(jax.random.PRNGKey(0), x)['params'])
   logits = d.apply({'params': params}, x)
@@ -156,7 +156,7 @@ def _tiny_config(**kw):
   cfg = load_config(str(ROOT / 'configs' / 'vqvae_small.py'))
   over = {'model.vocab_size': 16, 'model.z_channels': 4, 'model.ch': 32, 'model.ch_mult': (1, 2),
           'model.num_res_blocks': 1, 'model.using_sa': False, 'model.using_mid_sa': False,
-          'model.patch_nums': (1, 2, 4), 'model.codebook_init': -1.0,
+          'model.patch_nums': (1, 2, 4), 'init.codebook': -1.0,
           'data.synthetic_examples': 32, 'data.mid_reso': 1.0, 'batch_size': 8, 'total_steps': 4,
           'loss.disc': 0.5, 'loss.disc_start': 0, 'loss.disc_ndf': 16, 'loss.disc_layers': 1,
           'ema': 0.5, 'codebook.restart_every': 0, 'run.log_every': 1, 'run.save_every': 2,
@@ -168,27 +168,24 @@ def _tiny_config(**kw):
 
 
 @pytest.fixture(scope='module')
-def trainer(tmp_path_factory):
-  from var_jax.train.vqvae_trainer import VQVAETrainer
-  return VQVAETrainer(_tiny_config(), str(tmp_path_factory.mktemp('vq') / 'a'))
+def trainer():
+  return loop.make_task(_tiny_config(), devices=jax.devices()[:8])
 
 
 @pytest.mark.slow
 def test_trainer_resume_is_exact_and_exports(trainer, tmp_path):
   import var_jax
   # 4 steps straight (discriminator from the start: one compiled step; EMA on) vs. 2 + resume 2
-  trainer.workdir = str(tmp_path / 'straight')
-  s1 = trainer.train()
-  p_straight = jax.device_get(trainer.state)
+  state, s1 = loop.run(trainer, str(tmp_path / 'straight'))
+  p_straight = jax.device_get(state)
   assert s1['status'] == 'done' and s1['step'] == 4 and s1['skipped_updates'] == 0
   assert np.isfinite(s1['loss']) and 'd_loss' in s1 and 'g_loss' in s1 and s1['d_weight'] >= 0
   assert 0 < s1['eval_psnr'] < 100 and 'eval_ssim' not in s1     # 8 px: smaller than the SSIM window
   assert {'eval_usage_1', 'eval_usage_4', 'usage_4'} <= set(s1)
-  trainer.workdir = str(tmp_path / 'resumed')
-  assert trainer.train(stop_after=2)['step'] == 2
-  s2 = trainer.train()
+  assert loop.run(trainer, str(tmp_path / 'resumed'), stop_after=2)[1]['step'] == 2
+  state, s2 = loop.run(trainer, str(tmp_path / 'resumed'))
   assert s2['step'] == 4
-  p_resumed = jax.device_get(trainer.state)
+  p_resumed = jax.device_get(state)
   for a, b in zip(jax.tree_util.tree_leaves(p_straight), jax.tree_util.tree_leaves(p_resumed)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
   # the export is a native checkpoint of the EMA weights, with the hit statistics
@@ -204,6 +201,7 @@ def test_trainer_resume_is_exact_and_exports(trainer, tmp_path):
   assert max(jax.tree_util.tree_leaves(moved)) > 0
 
 
+@pytest.mark.slow
 def test_restart_dead_codes(trainer):
   state = trainer.init_state()
   state = state.replace(hits_SV=state.hits_SV.at[:, 3].set(5.0))   # only code 3 alive
@@ -211,7 +209,7 @@ def test_restart_dead_codes(trainer):
   before = np.asarray(state.gen.params['quantize']['embedding']['embedding'])
   f = np.asarray(trainer.vae.apply({'params': state.gen.params}, images.astype(jnp.float32) / 127.5 - 1,
                                    method='encode_f')).reshape(-1, 4)
-  with jax.set_mesh(trainer.mesh):
+  with jax.set_mesh(trainer.ctx.mesh):
     new, n = trainer._restart(state, images, jax.random.PRNGKey(1))   # donates `state`
   assert int(n) == 15
   after = np.asarray(new.gen.params['quantize']['embedding']['embedding'])
@@ -226,14 +224,13 @@ def test_restart_dead_codes(trainer):
   mu = adam.mu['quantize']['embedding']['embedding']
   assert float(jnp.abs(mu[dead]).max()) == 0.0
   np.testing.assert_array_equal(np.asarray(new.ema['quantize']['embedding']['embedding']), after)
-  assert float(np.min(np.asarray(new.hits_SV)[:, dead])) >= trainer.cfg.codebook.restart_threshold
+  assert float(np.min(np.asarray(new.hits_SV)[:, dead])) >= trainer.ctx.config.codebook.restart_threshold
 
 
 def test_lpips_missing_file_turns_it_off(capsys, tmp_path):
-  from var_jax.train.vqvae_trainer import VQVAETrainer
-  cfg = _tiny_config(**{'loss.lpips': 1.0, 'loss.lpips_weights': '/nonexistent/vgg.pth',
+  cfg = _tiny_config(**{'loss.lpips': 1.0, 'loss.lpips_weights': str(tmp_path / 'vgg.pth'),
                         'loss.disc': 0.0})
-  t = VQVAETrainer(cfg, str(tmp_path))
+  t = loop.make_task(cfg, devices=jax.devices()[:1])
   assert not t.use_lpips
   assert 'perceptual loss OFF' in capsys.readouterr().out
 
@@ -243,9 +240,8 @@ def test_lpips_missing_file_turns_it_off(capsys, tmp_path):
 def test_release_config_is_the_released_structure():
   from var_jax.config import VQVAEConfig
   from var_jax.tokenizer.vqvae import VQVAE
-  from var_jax.train.vqvae_step import vqvae_config_from
   cfg = load_config(str(ROOT / 'configs' / 'vqvae_f16_release.py'))
-  vc = vqvae_config_from(cfg.model)
+  vc = VQVAEConfig.from_section(cfg.model)
   assert vc == VQVAEConfig() and vc.downsample == 16 and vc.image_size == 256
   shapes = jax.eval_shape(VQVAE(vc).init, jax.random.PRNGKey(0), jnp.zeros((1, 256, 256, 3)))
   n = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(nn.meta.unbox(shapes)))

@@ -7,14 +7,16 @@ properties, never stored. `ModelConfig` pairs them and reads/writes the fixtures
 config.json layout ({"vae": ..., "vae_ddconfig": ..., "var": ...}).
 
 Experiment configs (optimiser, data, mesh) are ml_collections files in configs/;
-these dataclasses hold only what defines the network and its checkpoint.
+these dataclasses hold only what defines the network and its checkpoint. A config's
+model section maps onto them 1:1: `VARConfig.from_section(c.model, ...)`,
+`VQVAEConfig.from_section(c.vae)`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-from typing import Any, Mapping, Sequence, Tuple
+from typing import Any, Iterable, Mapping, Sequence, Tuple
 
 import numpy as np
 
@@ -24,6 +26,29 @@ PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 
 def _tuple(x) -> Tuple[int, ...]:
   return tuple(int(v) for v in x)
+
+
+def _from_section(cls, section: Mapping[str, Any], ignore: Iterable[str],
+                  aliases: Mapping[str, str], override: Mapping[str, Any]):
+  """cls(**section) for a config section whose keys are cls's fields (or their aliases).
+
+  Keys in `ignore` configure the run, not the network (e.g. model.attention); any other
+  key that is not a field is an error, so the section and the dataclass stay 1:1."""
+  fields = {f.name for f in dataclasses.fields(cls)}
+  items = section.items() if hasattr(section, 'items') else dict(section).items()
+  kw, unknown = {}, []
+  for k, v in items:
+    name = aliases.get(k, k)
+    if k in ignore:
+      continue
+    if name not in fields:
+      unknown.append(k)
+      continue
+    kw[name] = tuple(v) if isinstance(v, list) else v
+  if unknown:
+    raise ValueError(f'{cls.__name__} has no field(s) {sorted(unknown)} (fields: {sorted(fields)})')
+  kw.update(override)
+  return cls(**kw)
 
 
 def phi_ticks(k: int) -> np.ndarray:
@@ -62,6 +87,12 @@ class VQVAEConfig:
       raise ValueError(f'v_patch_nums must be non-empty and increasing, got {self.v_patch_nums}')
     if self.share_quant_resi < 0:
       raise ValueError(f'share_quant_resi must be >= 0, got {self.share_quant_resi}')
+
+  @classmethod
+  def from_section(cls, section: Mapping[str, Any], *, ignore: Iterable[str] = (),
+                   **override) -> 'VQVAEConfig':
+    """From a training config's tokenizer section (`patch_nums` names `v_patch_nums`)."""
+    return _from_section(cls, section, ignore, {'patch_nums': 'v_patch_nums'}, override)
 
   # --- derived -------------------------------------------------------------
   @property
@@ -126,6 +157,13 @@ class VARConfig:
     object.__setattr__(self, 'patch_nums', _tuple(self.patch_nums))
     if self.embed_dim % self.num_heads:
       raise ValueError(f'embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}')
+
+  @classmethod
+  def from_section(cls, section: Mapping[str, Any], *, ignore: Iterable[str] = (),
+                   **override) -> 'VARConfig':
+    """From a training config's model section; `override` adds what it does not hold
+    (patch_nums comes from the tokenizer)."""
+    return _from_section(cls, section, ignore, {}, override)
 
   @classmethod
   def for_depth(cls, depth: int, **kw) -> 'VARConfig':

@@ -1,4 +1,11 @@
-"""`var-jax train --config configs/var_d16.py --workdir DIR [--config.key=value ...]`.
+"""`var-jax train --config CONFIG --workdir DIR [--config.key=value ...]`: the VAR or the VQVAE.
+
+The config decides the model (`config.task`: configs/var_*.py train the VAR,
+configs/vqvae_*.py and digits_vqvae.py the VQVAE; `train-vqvae` is the same command).
+Rerunning a command resumes from DIR. Exit status: 0 when training finished, 75 when it
+stopped on a preemption notice after saving (run it again; the SLURM launcher requeues
+on it), 2 for bad arguments or config values, 1 for files that are missing or unusable;
+errors are one line unless --debug or VAR_JAX_DEBUG=1.
 
 Multi-host: with more than one process (TPU pod slice, SLURM, or JAX_COORDINATOR_ADDRESS /
 JAX_NUM_PROCESSES / JAX_PROCESS_ID set) jax.distributed.initialize() runs first.
@@ -8,18 +15,24 @@ from __future__ import annotations
 import json
 import os
 
+from var_jax.commands._common import FAILURE, CommandError, guarded
+
 ACCEPTS_OVERRIDES = True
 
 
 def add_arguments(parser):
   parser.add_argument('--config', required=True,
-                      help='config file (configs/var_d16.py, or path:arg), see configs/')
-  parser.add_argument('--workdir', required=True, help='checkpoints, logs, TensorBoard (resumes if present)')
+                      help='config file (configs/var_d16.py, configs/vqvae_small.py, or path:arg), '
+                           'see configs/')
+  parser.add_argument('--workdir', required=True,
+                      help='checkpoints, logs, TensorBoard, export (resumes if present)')
   parser.add_argument('--distributed', choices=('auto', 'on', 'off'), default='auto',
                       help='call jax.distributed.initialize(): auto = on TPU pods, SLURM, or when '
                            'JAX_COORDINATOR_ADDRESS is set')
   parser.add_argument('--stop_after', type=int, default=None,
                       help='stop (with a checkpoint) after this many optimizer steps in total')
+  parser.add_argument('--debug', action='store_true',
+                      help='show the traceback of an error (also VAR_JAX_DEBUG=1)')
 
 
 def _want_distributed(mode: str) -> bool:
@@ -45,13 +58,27 @@ def init_distributed(mode: str) -> None:
     jax.distributed.initialize()
 
 
-def run(args) -> int:
+def debug_mode(args) -> bool:
+  return bool(getattr(args, 'debug', False)) or os.environ.get('VAR_JAX_DEBUG') == '1'
+
+
+def _run(args) -> int:
+  from var_jax.config_loader import load_config
+  cfg = load_config(args.config, getattr(args, 'overrides', []))   # bad config: no jax start-up
   import jax
   init_distributed(args.distributed)
-  from var_jax.config_loader import load_config
-  from var_jax.train.var_trainer import VARTrainer
-  cfg = load_config(args.config, getattr(args, 'overrides', []))
-  summary = VARTrainer(cfg, args.workdir).train(stop_after=args.stop_after)
+  from var_jax.data.tokens import TokensError
+  from var_jax.train import loop
+  try:
+    _, summary = loop.train_and_evaluate(cfg, args.workdir, stop_after=args.stop_after)
+  except (FloatingPointError, TokensError) as e:   # run.nan_policy=stop; an unusable tokens folder
+    raise CommandError(str(e), FAILURE) from e
   if jax.process_index() == 0:
     print(json.dumps(summary, indent=1), flush=True)
-  return 0
+  return loop.PREEMPTED_EXIT_CODE if summary['status'] == 'preempted' else 0
+
+
+def run(args) -> int:
+  if debug_mode(args):
+    return int(_run(args))
+  return guarded(args.command, _run, args)

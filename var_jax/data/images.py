@@ -1,8 +1,8 @@
-"""Grain input pipelines for labelled images: folders, TFDS, synthetic.
+"""Grain input pipelines for labelled images: folders, TFDS, synthetic, digits.
 
 Reuse: `source = make_source(cfg.data, split='train')` then
   it = make_pipeline(source, global_batch_size=256, image_size=256, train=True, seed=0)
-  batch = next(it)   # {'image': (local_B, H, W, 3) uint8 or float32 [-1,1], 'label': int32}
+  batch = next(it)   # {'image': (local_B, H, W, 3) uint8, 'label': int32}
   it.get_state() / it.set_state(s)   # JSON-able; the trainer saves it in checkpoints
   it.num_skipped                     # unreadable images skipped so far (this process)
 
@@ -10,7 +10,9 @@ Order: one global stream (seeded shuffle, reshuffled each epoch); global batch t
 is stream[t*GB:(t+1)*GB] and process p takes its slice [p*LB:(p+1)*LB]. So the
 examples of each step, and their augmentation (seeded by stream position), do not
 depend on the number of processes or workers. Eval pipelines run one epoch in
-order and pad the last global batch with mask=0 examples.
+order and pad the last global batch with mask=0 examples. data.kind='tokens' (token
+maps made by `var-jax tokenize`) has the same plumbing in var_jax.data.tokens;
+`make_train_pipeline`/`make_eval_pipeline` pick either from the config.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import dataclasses
 import logging
 import os
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import grain
 import numpy as np
@@ -104,8 +106,11 @@ class SyntheticSource:
 
 
 def make_source(data_cfg, split: str = 'train', image_size: int | None = None):
-  """Source from a config section: kind in {'folder', 'tfds', 'synthetic', 'digits'}."""
+  """Source from a config section: kind in {'folder', 'tfds', 'synthetic', 'digits', 'tokens'}."""
   kind = data_cfg.kind
+  if kind == 'tokens':
+    from var_jax.data import tokens
+    return tokens.TokenSource(data_cfg.path, 'train' if split == 'train' else 'eval')
   if kind == 'folder':
     return FolderSource(os.path.join(data_cfg.path, split))
   if kind == 'tfds':
@@ -119,7 +124,7 @@ def make_source(data_cfg, split: str = 'train', image_size: int | None = None):
   if kind == 'digits':   # scikit-learn's digits at 32x32 (var_jax.data.digits), offline
     from var_jax.data.digits import DigitsSource
     return DigitsSource('train' if split == 'train' else 'test')
-  raise ValueError(f"unknown data.kind {kind!r} (folder, tfds, synthetic, digits)")
+  raise ValueError(f"unknown data.kind {kind!r} (folder, tfds, synthetic, digits, tokens)")
 
 
 # --- index plumbing ---------------------------------------------------------------------
@@ -165,7 +170,7 @@ class _Load:
       return {'image': blank, 'label': 0, 'mask': 0, 'ok': 1}
     try:
       rec = self.source[src % n]
-      img = (Image.open(rec['path']) if 'path' in rec else Image.fromarray(_hwc3(rec['image'])))
+      img = open_image(rec)
       rng = np.random.default_rng([self.seed, g]) if self.train else None
       arr = augment.augment(img, self.image_size, train=self.train, rng=rng,
                             mid_reso=self.mid_reso, hflip=self.hflip)
@@ -174,6 +179,11 @@ class _Load:
       where = self.source.items[src % n][0] if isinstance(self.source, FolderSource) else f'#{src % n}'
       print(f'[data] skipping unreadable image {where}: {type(e).__name__}: {e}', file=sys.stderr)
       return {'image': blank, 'label': 0, 'mask': 0, 'ok': 0}
+
+
+def open_image(record: Dict[str, Any]) -> Image.Image:
+  """The PIL image of a source record ({'path': ...} or {'image': HWC or HW array})."""
+  return Image.open(record['path']) if 'path' in record else Image.fromarray(_hwc3(record['image']))
 
 
 def _hwc3(a: np.ndarray) -> np.ndarray:
@@ -185,7 +195,7 @@ def _hwc3(a: np.ndarray) -> np.ndarray:
   return a.astype(np.uint8)
 
 
-class _CountBad(grain.transforms.Filter):
+class CountBad(grain.transforms.Filter):
   """Drops examples that failed to load and counts them (main process)."""
 
   def __init__(self):
@@ -198,9 +208,8 @@ class _CountBad(grain.transforms.Filter):
     return False
 
 
-def _finish(batch, normalize: bool):
-  out = {'image': augment.to_pm1(batch['image']) if normalize else batch['image'],
-         'label': batch['label'].astype(np.int32)}
+def _finish(batch):
+  out = {'image': batch['image'], 'label': batch['label'].astype(np.int32)}
   if 'mask' in batch:
     out['mask'] = batch['mask'].astype(np.int32)
   return out
@@ -211,13 +220,9 @@ def _finish(batch, normalize: bool):
 class ImagePipeline:
   """Iterator over local batches with checkpointable state."""
 
-  def __init__(self, iter_ds, counter: _CountBad | None, load: _Load, local_batch_size: int,
-               steps_per_epoch: int, num_batches: int | None):
-    self._ds, self._counter, self._load = iter_ds, counter, load
+  def __init__(self, iter_ds, counter: CountBad | None):
+    self._ds, self._counter = iter_ds, counter
     self._it = iter(iter_ds)
-    self.local_batch_size = local_batch_size
-    self.steps_per_epoch = steps_per_epoch
-    self.num_batches = num_batches   # None: endless
     self._eval_bad = 0
 
   def __iter__(self):
@@ -243,59 +248,82 @@ class ImagePipeline:
 def make_pipeline(source, *, global_batch_size: int, image_size: int, train: bool, seed: int = 0,
                   mid_reso: float = 1.125, hflip: bool = False, num_epochs: int | None = None,
                   shard: grain.sharding.ShardOptions | None = None, num_threads: int = 8,
-                  prefetch: int = 2, worker_count: int = 0, normalize: bool = True) -> ImagePipeline:
-  """Batches of augmented images for this process.
+                  prefetch: int = 2, worker_count: int = 0) -> ImagePipeline:
+  """Batches of augmented uint8 images for this process.
 
   train=True: endless (or `num_epochs`) seeded shuffle, random crop/flip, corrupt images
   skipped. train=False: one ordered epoch, centre crop, last batch padded (mask=0),
   corrupt images masked. `shard` defaults to ShardByJaxProcess (one shard per host).
   """
+  ds, lb = stream(len(source), global_batch_size, train=train, seed=seed,
+                  num_epochs=num_epochs, shard=shard)
+  ds = ds.map(_Load(source, image_size, train, seed, mid_reso, hflip))
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(lb * prefetch, num_threads)))
+  it_ds = worker_processes(it_ds, worker_count)
+  counter = None
+  if train:
+    counter = CountBad()
+    it_ds = it_ds.filter(counter)
+  it_ds = it_ds.batch(lb, drop_remainder=train).map(lambda b: _finish(b) | (
+      {} if train else {'ok': b['ok']}))
+  return ImagePipeline(it_ds, counter)
+
+
+def worker_processes(it_ds, worker_count: int):
+  """`it_ds` read by `worker_count` grain worker processes (0: in this process's threads)."""
+  if worker_count <= 0:
+    return it_ds
+  from absl import flags   # grain's workers read absl flags, which no absl app parsed here
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+
+
+def stream(n: int, global_batch_size: int, *, train: bool, seed: int = 0,
+           num_epochs: int | None = None, shard: grain.sharding.ShardOptions | None = None):
+  """(MapDataset of (stream position g, source index or -1 for padding) for this process,
+  local batch size). train: seeded shuffle, reshuffled each epoch, endless unless
+  num_epochs; eval: one ordered epoch padded to whole global batches."""
   shard = shard or grain.sharding.ShardByJaxProcess(drop_remainder=True)
   p, n_proc = shard.shard_index, shard.shard_count
   if global_batch_size % n_proc:
     raise ValueError(f'global batch {global_batch_size} not divisible by {n_proc} processes')
   lb = global_batch_size // n_proc
-  n = len(source)
   if n == 0:
     raise ValueError('empty data source')
-  steps_per_epoch = max(n // global_batch_size, 1)
   idx = grain.MapDataset.range(n)
   if train:
     idx = idx.seed(seed).shuffle().repeat(num_epochs)
     total = len(idx)
-    n_batches = None if num_epochs is None else total // global_batch_size
-    length = sys.maxsize if n_batches is None else n_batches * lb
+    length = sys.maxsize if num_epochs is None else (total // global_batch_size) * lb
   else:
     total = n
-    n_batches = -(-n // global_batch_size)
-    length = n_batches * lb
-  load = _Load(source, image_size, train, seed, mid_reso, hflip)
-  ds = _ProcessSlice(idx, global_batch_size, lb, p, length, total).map(load)
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(lb * prefetch, num_threads)))
-  if worker_count > 0:
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  counter = None
-  if train:
-    counter = _CountBad()
-    it_ds = it_ds.filter(counter)
-  it_ds = it_ds.batch(lb, drop_remainder=train).map(lambda b: _finish(b, normalize) | (
-      {} if train else {'ok': b['ok']}))
-  return ImagePipeline(it_ds, counter, load, lb, steps_per_epoch, n_batches)
+    length = -(-n // global_batch_size) * lb
+  return _ProcessSlice(idx, global_batch_size, lb, p, length, total), lb
 
 
 def make_train_pipeline(source, data_cfg, *, global_batch_size: int, image_size: int,
-                        seed: int) -> ImagePipeline:
-  """The training stream of `source` with the options of `data_cfg` (uint8 images)."""
+                        seed: int):
+  """The training stream of `source` with the options of `data_cfg` (uint8 images, or
+  token maps for data.kind='tokens')."""
   d = data_cfg
+  if d.kind == 'tokens':
+    from var_jax.data import tokens
+    return tokens.make_pipeline(source, global_batch_size=global_batch_size, train=True,
+                                seed=seed, num_threads=d.num_threads, prefetch=d.prefetch,
+                                worker_count=d.worker_count)
   return make_pipeline(source, global_batch_size=global_batch_size, image_size=image_size,
                        train=True, seed=seed, mid_reso=d.mid_reso, hflip=d.hflip,
-                       num_threads=d.num_threads, prefetch=d.prefetch, worker_count=d.worker_count,
-                       normalize=False)
+                       num_threads=d.num_threads, prefetch=d.prefetch, worker_count=d.worker_count)
 
 
-def make_eval_pipeline(data_cfg, *, global_batch_size: int, image_size: int) -> ImagePipeline:
-  """The eval split of `data_cfg` (centre crops, uint8, padded batches with a 'mask')."""
+def make_eval_pipeline(data_cfg, *, global_batch_size: int, image_size: int):
+  """The eval split of `data_cfg` (centre crops, uint8, or token maps; padded batches
+  with a 'mask')."""
   source = make_source(data_cfg, 'eval', image_size)
+  if data_cfg.kind == 'tokens':
+    from var_jax.data import tokens
+    return tokens.make_pipeline(source, global_batch_size=global_batch_size, train=False,
+                                num_threads=data_cfg.num_threads)
   return make_pipeline(source, global_batch_size=global_batch_size, image_size=image_size,
-                       train=False, mid_reso=data_cfg.mid_reso, num_threads=data_cfg.num_threads,
-                       normalize=False)
+                       train=False, mid_reso=data_cfg.mid_reso, num_threads=data_cfg.num_threads)

@@ -1,7 +1,8 @@
 """Optimiser and schedules with the reference's recipe (AdamW, lr warm-up + 'lin0' decay, cosine wd).
 
 Reuse: `tx = make_optimizer(params, OptimSpec(...), total_steps)` gives an optax
-GradientTransformation for any param tree; `lr_schedule(...)` / `wd_schedule(...)`
+GradientTransformation for any param tree (`spec_from_section(config.optim, ...)` reads
+the spec from a training config); `lr_schedule(...)` / `wd_schedule(...)`
 are jit-friendly functions of the optimizer step, equal to the reference's
 `lr_wd_annealing` at every step; `no_decay_mask(params)` picks the params without
 weight decay (1-D params, biases, and the reference's `nowd_keys`).
@@ -32,17 +33,39 @@ class OptimSpec:
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
-  wd: float = 0.05
-  wd_end: float = 0.05
+  weight_decay: float = 0.05
+  weight_decay_end: float = 0.05
   grad_clip: float = 2.0     # <= 0: no clipping
-  sche: str = 'lin0'
+  schedule: str = 'lin0'     # the reference's sche
   warmup_steps: float = 0.0
-  wp0: float = 0.005
-  wpe: float = 0.01
+  warmup_start: float = 0.005   # wp0: lr factor at step 0
+  final_lr: float = 0.01        # wpe: lr factor at the end
+
+
+def spec_from_section(o, *, global_batch: int, steps_per_epoch: int, total_steps: int,
+                      schedule: str | None = None) -> OptimSpec:
+  """The OptimSpec of a config's optim section (names in configs/common.py).
+
+  peak lr: `lr` if > 0, else base_lr * global_batch / 256; warm-up: `warmup_steps` if the
+  section has it, else warmup_epochs (0: total/50, the reference); weight_decay_end < 0:
+  constant weight decay. `schedule` replaces the section's (progressive training)."""
+  peak = o.lr if o.lr > 0 else o.get('base_lr', 0.0) * global_batch / 256
+  if peak <= 0:
+    raise ValueError('set config.optim.lr or config.optim.base_lr (> 0)')
+  if 'warmup_steps' in o:
+    warmup = float(o.warmup_steps)
+  else:
+    warmup = o.warmup_epochs * steps_per_epoch if o.warmup_epochs > 0 else total_steps / 50
+  wd_end = o.weight_decay if o.weight_decay_end < 0 else o.weight_decay_end
+  return OptimSpec(peak_lr=peak, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                   weight_decay_end=wd_end, grad_clip=o.grad_clip,
+                   schedule=schedule or o.schedule, warmup_steps=warmup,
+                   warmup_start=o.warmup_start, final_lr=o.final_lr)
 
 
 def lr_multiplier(step, sche: str, warmup_steps: float, total_steps: int, wp0: float, wpe: float):
-  """Reference lr_wd_annealing's lr factor (before * peak_lr) at `step` (traceable)."""
+  """Reference lr_wd_annealing's lr factor (before * peak_lr) at `step` (traceable):
+  linear warm-up from wp0 (warmup_start), then schedule `sche` down to wpe (final_lr)."""
   wp = float(round(warmup_steps))
   it = jnp.asarray(step, jnp.float32)
   warm = wp0 + (1 - wp0) * it / max(wp, 1.0)
@@ -70,14 +93,16 @@ def lr_multiplier(step, sche: str, warmup_steps: float, total_steps: int, wp0: f
 
 def lr_schedule(spec: OptimSpec, total_steps: int) -> Callable:
   return lambda step: spec.peak_lr * lr_multiplier(
-      step, spec.sche, spec.warmup_steps, total_steps, spec.wp0, spec.wpe)
+      step, spec.schedule, spec.warmup_steps, total_steps, spec.warmup_start, spec.final_lr)
 
 
 def wd_schedule(spec: OptimSpec, total_steps: int) -> Callable:
-  """Cosine from wd to wd_end over the whole run (reference)."""
+  """Cosine from weight_decay to weight_decay_end over the whole run (reference)."""
+  wd, wd_end = spec.weight_decay, spec.weight_decay_end
+
   def fn(step):
     pasd = jnp.asarray(step, jnp.float32) / max(total_steps - 1, 1)
-    return spec.wd_end + (spec.wd - spec.wd_end) * (0.5 + 0.5 * jnp.cos(math.pi * pasd))
+    return wd_end + (wd - wd_end) * (0.5 + 0.5 * jnp.cos(math.pi * pasd))
   return fn
 
 

@@ -1,11 +1,13 @@
 """Train state and its sharded creation.
 
-Reuse: `state, shardings = create_sharded_state(init_params_fn, tx, mesh, rules, rng)` for
-any model: `init_params_fn(rng) -> boxed params` (from `module.init(...)['params']`, with
-`nn.with_logical_partitioning` metadata). The state is born sharded (eval_shape ->
-logical shardings -> jit(init, out_shardings)), params in param_dtype (f32 master
-weights), optimizer moments sharded like their params. `TrainState` is a plain
-pytree (step, params, opt_state, rng) that orbax saves as is.
+Reuse: `init, shardings = make_sharded_init(init_params_fn, tx, mesh, rules)` then
+`state = init(rng)` for any model: `init_params_fn(rng) -> boxed params` (from
+`module.init(...)['params']`, with `nn.with_logical_partitioning` metadata). The state
+is born sharded (eval_shape -> logical shardings -> jit(init, out_shardings)), params
+in param_dtype (f32 master weights), optimizer moments sharded like their params.
+`state_shardings` gives the abstract state and its shardings without allocating
+(the restore target). `TrainState` is a plain pytree (step, params, opt_state, rng,
+skipped) that orbax saves as is.
 """
 from __future__ import annotations
 
@@ -51,24 +53,11 @@ def state_shardings(init_params_fn: Callable, tx: optax.GradientTransformation, 
 
 
 def make_sharded_init(init_params_fn: Callable, tx: optax.GradientTransformation, mesh: Mesh,
-                      rules=parallel.LOGICAL_RULES,
-                      transform_params: Callable | None = None) -> Tuple[Callable, TrainState]:
-  """(jitted init(rng) -> TrainState born in its shardings, shardings); compile once, call often.
-
-  `transform_params(params, rng) -> params` (e.g. extra init multipliers) runs inside
-  the same jit, before the optimizer state is built.
-  """
+                      rules=parallel.LOGICAL_RULES) -> Tuple[Callable, TrainState]:
+  """(init(rng) -> TrainState born in its shardings, shardings); compiles on first call."""
   _, shardings = state_shardings(init_params_fn, tx, mesh, rules)
-
-  def init(r):
-    params_rng, state_rng = jax.random.split(r)
-    params = nn.meta.unbox(init_params_fn(params_rng))
-    if transform_params is not None:
-      params = transform_params(params, jax.random.fold_in(params_rng, 1))
-    return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=state_rng, skipped=jnp.zeros([], jnp.int32))
-
-  jitted = jax.jit(init, out_shardings=shardings)
+  jitted = jax.jit(lambda r: nn.meta.unbox(_boxed_state(init_params_fn, tx, r)),
+                   out_shardings=shardings)
 
   def call(rng):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -76,23 +65,10 @@ def make_sharded_init(init_params_fn: Callable, tx: optax.GradientTransformation
   return call, shardings
 
 
-def create_sharded_state(init_params_fn: Callable, tx: optax.GradientTransformation, mesh: Mesh,
-                         rules=parallel.LOGICAL_RULES, rng=None,
-                         transform_params: Callable | None = None) -> Tuple[TrainState, TrainState]:
-  """Initialises a TrainState directly into its shardings (see make_sharded_init)."""
-  init, shardings = make_sharded_init(init_params_fn, tx, mesh, rules, transform_params)
-  return init(jax.random.PRNGKey(0) if rng is None else rng), shardings
-
-
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying shardings (the restore target for orbax)."""
   return jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-def params_shardings(abstract_boxed_params: Any, mesh: Mesh, rules=parallel.LOGICAL_RULES) -> Any:
-  """NamedShardings for a boxed abstract param tree (e.g. a frozen model's)."""
-  return parallel.logical_shardings(abstract_boxed_params, mesh, rules)
 
 
 def replicate_tree(tree: Any, mesh: Mesh) -> Any:

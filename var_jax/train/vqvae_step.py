@@ -1,4 +1,4 @@
-"""The VQVAE train, eval and dead-code-restart steps as pure functions (jitted by vqvae_trainer).
+"""The VQVAE train, eval and dead-code-restart steps as pure functions (jitted by vqvae_task).
 
 Generator loss = l1 |x - x'| + l2 (x - x')^2 + lpips LPIPS(x, x') + vq * vq_loss
                + [step >= disc_start] disc * w_adapt * hinge_g(D(x'))
@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from var_jax.config import VQVAEConfig
 from var_jax.data.augment import to_pm1
 from var_jax.eval import metrics as eval_lib
 from var_jax.train import losses
@@ -36,15 +35,10 @@ class VQState:
   ema: Any                   # EMA of the VQVAE params, or None
   hits_SV: jax.Array         # EMA of code hits per scale (the reference's ema_vocab_hit_SV)
 
-
-def vqvae_config_from(m) -> VQVAEConfig:
-  """VQVAEConfig from a config.model section."""
-  return VQVAEConfig(
-      vocab_size=m.vocab_size, z_channels=m.z_channels, ch=m.ch, ch_mult=tuple(m.ch_mult),
-      num_res_blocks=m.num_res_blocks, using_sa=m.using_sa, using_mid_sa=m.using_mid_sa,
-      in_channels=m.in_channels, dropout=m.dropout, beta=m.beta, using_znorm=m.using_znorm,
-      quant_conv_ks=m.quant_conv_ks, quant_resi=m.quant_resi, share_quant_resi=m.share_quant_resi,
-      default_qresi_counts=m.default_qresi_counts, v_patch_nums=tuple(m.patch_nums))
+  @property
+  def skipped(self) -> jax.Array:
+    """Non-finite updates dropped so far (the training loop reports it)."""
+    return self.gen.skipped
 
 
 def _get(tree, path):
@@ -150,7 +144,6 @@ def make_train_step(vae, disc, lpips, tx, dtx, lc, *, use_disc: bool, use_lpips:
 
 def keep_if(ok, new, old):
   return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
-
 
 
 def make_restart_fn(vae, *, threshold: float, noise: float):

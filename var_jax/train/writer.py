@@ -1,11 +1,15 @@
-"""Metrics writer: TensorBoard event files (tensorboardX), a metrics.jsonl log and stdout.
+"""Metrics: the writer (TensorBoard, metrics.jsonl, stdout) and MFU accounting.
 
-Reuse: `w = Writer(workdir)`; `w.scalars(step, {'loss': 1.2}, prefix='train')`;
+Reuse: `w = Writer(workdir, resume_step=0)`; `w.scalars(step, {'train/loss': 1.2})`
+(one metrics.jsonl row per call: the loop makes one call per step);
 `w.text('config', cfg.to_json())`; `w.close()`. Only process 0 writes (other
-processes get a no-op writer), so call it unconditionally from every host.
+processes get a no-op writer), so call it unconditionally from every host. A run
+resumed from step k first drops the rows of steps > k that the interrupted run wrote,
+so metrics.jsonl holds one row per step after any number of resumes.
 tensorboardX is a declared dependency; if it is missing the jsonl log still works.
-Also here: `MeanAccumulator` (averages scalars between logging steps) and
-`format_scalars` for compact stdout lines.
+Also here: `MeanAccumulator` (averages scalars between logging steps),
+`format_scalars` for compact stdout lines, and the MFU accounting
+(`var_flops_per_image`, `peak_flops`).
 """
 from __future__ import annotations
 
@@ -29,16 +33,19 @@ def _to_float(v: Any) -> float:
 class Writer:
   """Scalar/text writer for one run directory (process 0 only)."""
 
-  def __init__(self, logdir: str, *, stdout: bool = True, tensorboard: bool = True,
-               enabled: bool | None = None):
+  def __init__(self, logdir: str, *, resume_step: int | None = None, stdout: bool = True,
+               tensorboard: bool = True, enabled: bool | None = None, name: str = 'metrics'):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.stdout = stdout
+    self.stdout, self.name = stdout, name
     self._tb = None
     self._jsonl = None
     if not self.enabled:
       return
     os.makedirs(logdir, exist_ok=True)
-    self._jsonl = open(os.path.join(logdir, 'metrics.jsonl'), 'a')
+    path = os.path.join(logdir, 'metrics.jsonl')
+    if resume_step is not None:
+      truncate_jsonl(path, resume_step)
+    self._jsonl = open(path, 'a')
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter
@@ -47,6 +54,7 @@ class Writer:
         log.warning('tensorboardX not installed: writing metrics.jsonl only')
 
   def scalars(self, step: int, values: Mapping[str, Any], prefix: str = '') -> None:
+    """One metrics.jsonl row (and TensorBoard points, and a stdout line) for `step`."""
     if not self.enabled:
       return
     flat = {(f'{prefix}/{k}' if prefix else k): _to_float(v) for k, v in values.items()}
@@ -56,7 +64,7 @@ class Writer:
     self._jsonl.write(json.dumps({'step': int(step), 'time': time.time(), **flat}) + '\n')
     self._jsonl.flush()
     if self.stdout:
-      print(f'[{prefix or "metrics"}] step {step}: {format_scalars(values)}', flush=True)
+      print(f'[{prefix or self.name}] step {step}: {format_scalars(flat)}', flush=True)
 
   def text(self, tag: str, text: str, step: int = 0) -> None:
     if self.enabled and self._tb is not None:
@@ -75,6 +83,29 @@ class Writer:
     if self._jsonl is not None:
       self._jsonl.close()
       self._jsonl = None
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+  """Keeps the rows of steps <= last_step (and drops a torn last line); atomic rewrite."""
+  if not os.path.exists(path):
+    return
+  keep, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        dropped += 1
+        continue
+      if int(row.get('step', 0)) <= last_step:
+        keep.append(line if line.endswith('\n') else line + '\n')
+      else:
+        dropped += 1
+  if dropped:
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
 
 
 def format_scalars(values: Mapping[str, Any]) -> str:
@@ -116,6 +147,34 @@ def print0(*args, **kw) -> None:
   if jax.process_index() == 0:
     kw.setdefault('flush', True)
     print(*args, **kw)
+
+
+# --- model FLOPs utilisation ----------------------------------------------------------------
+
+def var_flops_per_image(cfg, vocab_size: int, Cvae: int) -> float:
+  """Analytic training FLOPs of one image (3x forward; matmuls only; full L x L attention as
+  the reference computes it). The frozen tokenizer is not counted."""
+  C, L, D = cfg.embed_dim, cfg.L, cfg.depth
+  hidden = cfg.mlp_hidden
+  per_token = D * (2 * (3 * C * C + C * C + 2 * C * hidden) + 4 * L * C) + 2 * C * vocab_size + 2 * Cvae * C
+  per_image_cond = (D if not cfg.shared_aln else 1) * 2 * C * 6 * C + 2 * C * 2 * C
+  return 3.0 * (L * per_token + per_image_cond)
+
+
+PEAK_FLOPS = {  # dense bf16 per device
+    'tpu v4': 275e12, 'tpu v5 lite': 197e12, 'tpu v5e': 197e12, 'tpu v5p': 459e12, 'tpu v5': 459e12,
+    'tpu v6 lite': 918e12, 'tpu v6e': 918e12, 'h100': 989e12, 'h200': 989e12, 'a100': 312e12,
+    'l4': 121e12, 'a10g': 70e12,
+}
+
+
+def peak_flops(device=None) -> float:
+  """Peak dense bf16 FLOP/s of a device from its kind (0.0 when unknown, e.g. CPU)."""
+  kind = (device or jax.devices()[0]).device_kind.lower()
+  for k in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if k in kind:
+      return PEAK_FLOPS[k]
+  return 0.0
 
 
 def sum_over_batches(batches, step_fn, max_batches: int = -1) -> Dict[str, Any]:
