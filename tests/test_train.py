@@ -442,8 +442,9 @@ def _train_cmd(workdir, *extra):
           '--config.run.async_checkpoint=true', *extra]
 
 
-def _env():
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT), PYTHONUNBUFFERED='1')
+def _env(cache):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT), PYTHONUNBUFFERED='1',
+             VAR_JAX_COMPILATION_CACHE=str(cache))   # the runs share their compiled programs
   env['XLA_FLAGS'] = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
                               if 'device_count' not in f)   # one CPU device: fast start-up
   return env
@@ -454,8 +455,8 @@ def _run_until(workdir, trigger, delay, sig=signal.SIGKILL):
   that `trigger(step, n)` accepts (n: lines so far in this run); returns the exit code."""
   import subprocess
   import time
-  p = subprocess.Popen(_train_cmd(workdir), env=_env(), stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True)
+  p = subprocess.Popen(_train_cmd(workdir), env=_env(workdir.parent / 'jax_cache'),
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     n = 0
     for line in p.stdout:
@@ -480,8 +481,9 @@ def test_sigkill_at_random_moments_then_rerun_is_bit_identical(tmp_path):
   has each step once."""
   import subprocess
   from var_jax import checkpoint
+  env = _env(tmp_path / 'jax_cache')
   ref = tmp_path / 'straight'
-  assert subprocess.run(_train_cmd(ref), env=_env(), capture_output=True).returncode == 0
+  assert subprocess.run(_train_cmd(ref), env=env, capture_output=True).returncode == 0
   work = tmp_path / 'killed'
   assert _run_until(work, lambda step, n: n == 2, 0.0, signal.SIGTERM) == loop.PREEMPTED_EXIT_CODE
   rng = np.random.default_rng(0)
@@ -491,7 +493,7 @@ def test_sigkill_at_random_moments_then_rerun_is_bit_identical(tmp_path):
     else:
       nth, delay = int(rng.integers(1, 3)), float(rng.uniform(0, 0.3))
       assert _run_until(work, lambda step, n: n == nth, delay) == -signal.SIGKILL
-  done = subprocess.run(_train_cmd(work), env=_env(), capture_output=True, text=True)
+  done = subprocess.run(_train_cmd(work), env=env, capture_output=True, text=True)
   assert done.returncode == 0, done.stdout[-2000:]
   want, got = checkpoint.restore(ref / 'export'), checkpoint.restore(work / 'export')
   assert tree_equal(want[2], got[2]) and tree_equal(want[1], got[1])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from var_jax.commands._common import FAILURE, USAGE, CommandError, guarded
+from var_jax.commands._common import FAILURE, USAGE, CommandError, guarded, show_info_logs
 from var_jax.commands.train import debug_mode, init_distributed
 
 ACCEPTS_OVERRIDES = True
@@ -37,6 +37,7 @@ def add_arguments(parser):
 
 
 def _run(args) -> int:
+  show_info_logs()
   if args.crops < 1 or args.shard_size < 1 or args.batch_size < 1 or args.threads < 1:
     raise CommandError('--crops, --shard-size, --batch-size and --threads must be >= 1', USAGE)
   from var_jax.config_loader import load_config

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 
-from var_jax.commands._common import FAILURE, CommandError, guarded
+from var_jax.commands._common import FAILURE, CommandError, guarded, show_info_logs
 
 ACCEPTS_OVERRIDES = True
 
@@ -63,6 +63,7 @@ def debug_mode(args) -> bool:
 
 
 def _run(args) -> int:
+  show_info_logs()
   from var_jax.config_loader import load_config
   cfg = load_config(args.config, getattr(args, 'overrides', []))   # bad config: no jax start-up
   import jax

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import sys
 from typing import Any, Optional, Tuple
@@ -30,8 +29,6 @@ from typing import Any, Optional, Tuple
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
-
-log = logging.getLogger('var_jax.train')
 
 
 class ProcessJsonHandler(ocp.CheckpointHandler):
@@ -150,7 +147,6 @@ class CheckpointManager:
         where = self._set_aside(step)
         print(f'[checkpoint] WARNING: checkpoint {step} cannot be restored ({reason}); moved '
               f'to {where}, trying the previous one', file=sys.stderr, flush=True)
-        log.warning('checkpoint %d cannot be restored (%s); moved to %s', step, reason, where)
 
   def _check_shapes(self, step: int, abstract_state: Any) -> None:
     """ShapeMismatch if the stored state's tree or shapes differ from `abstract_state`."""
