@@ -3,6 +3,7 @@
     import var_jax
     pipe = var_jax.from_torch('vae_ch160v4096z32.pth', 'var_d16.pth')
     images, tokens = pipe.sample([207, 360])
+    edited, tokens = pipe.edit(photos, var_jax.box_mask(16, .1, .1, .8, .8), 1000)   # in-paint
     config, params, buffers = var_jax.load_reference('vae_ch160v4096z32.pth', 'var_d16.pth')
 
 The names below are imported lazily, so `import var_jax` does not import jax.
@@ -14,6 +15,7 @@ _EXPORTS = {
     'load': 'var_jax.pipeline',
     'Pipeline': 'var_jax.pipeline',
     'Sampler': 'var_jax.sampler',
+    'box_mask': 'var_jax.edit',
     'load_reference': 'var_jax.convert',
     'save_reference': 'var_jax.convert',
     'ModelConfig': 'var_jax.config',

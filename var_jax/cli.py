@@ -23,6 +23,7 @@ COMMANDS = {
     'convert': ('var_jax.commands.convert', 'reference .pth files -> native var_jax checkpoint'),
     'sample': ('var_jax.commands.sample', 'class-conditional sampling from a checkpoint'),
     'reconstruct': ('var_jax.commands.reconstruct', 'encode and decode images with the VQVAE'),
+    'edit': ('var_jax.commands.edit', 'zero-shot in-painting, out-painting, class-conditional editing'),
     'train': ('var_jax.commands.train', 'train the VAR transformer or the VQVAE (the config decides)'),
     'train-vqvae': ('var_jax.commands.train_vqvae', 'the same as train (kept for scripts)'),
     'tokenize': ('var_jax.commands.tokenize', 'encode a data set once with the frozen tokenizer'),

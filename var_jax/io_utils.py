@@ -58,6 +58,18 @@ def save_png(path: str | os.PathLike, image_HWC: np.ndarray) -> None:
     Image.fromarray(np.asarray(image_HWC, np.uint8)).save(f, format='PNG')
 
 
+def read_image(path: str | os.PathLike, mode: str = 'RGB') -> np.ndarray:
+  """An image file as uint8 (H, W, 3) for mode 'RGB' or (H, W) for 'L', at its own size."""
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert(mode), np.uint8)
+  except FileNotFoundError:
+    raise
+  except OSError as e:
+    raise ValueError(f'cannot read image {path}: {e}') from e
+
+
 def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
   """An RGB image resized (shorter side, Lanczos) and centre-cropped to size x size,
   as float32 HWC in [-1, 1]."""

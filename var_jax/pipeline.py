@@ -1,12 +1,13 @@
-"""The user-facing bundle of a VQVAE and (optionally) a VAR: encode, decode, score, sample.
+"""The user-facing bundle of a VQVAE and (optionally) a VAR: encode, decode, score, sample, edit.
 
     pipe = var_jax.from_torch('vae_ch160v4096z32.pth', 'var_d16.pth')   # config inferred
     pipe = var_jax.load('ckpt/d16', dtype=jnp.bfloat16)                 # or a native checkpoint
     images, tokens = pipe.sample([207, 360], cfg=1.5, seed=0)           # NHWC in [0, 1]
+    images, tokens = pipe.edit(photos, keep_mask, 1000)                 # in-paint (zero-shot)
     pipe.save('ckpt/d16'); pipe.to_torch('vae.pth', 'var.pth')
 
 A thin facade: conversion is var_jax.convert (`load_reference`/`save_reference`),
-native checkpoints var_jax.checkpoint, sampling var_jax.sampler. Images are NHWC
+native checkpoints var_jax.checkpoint, sampling var_jax.sampler, editing var_jax.edit. Images are NHWC
 float32 in [-1, 1] (sample returns [0, 1] like the reference); tokens are a list
 of int32 (B, pn*pn) arrays, one per scale, raster order. Inputs are validated
 eagerly (ValueError naming what is wrong); the jitted functions are built once
@@ -27,7 +28,7 @@ from var_jax import convert
 from var_jax.config import ModelConfig
 from var_jax.convert import as_config  # noqa: F401  (re-exported: pipeline.as_config)
 
-RANGE_TOL = 1e-3  # images may overshoot [-1, 1] by this much (rounding in preprocessing)
+from var_jax.sampling_args import RANGE_TOL  # noqa: F401  (re-exported)
 
 
 class Pipeline:
@@ -99,23 +100,8 @@ class Pipeline:
   # --- validation ------------------------------------------------------------------
   def check_images(self, images: Any) -> jax.Array:
     """NHWC float images of the model's size in [-1, 1] (small tolerance)."""
-    size, cin = self.config.image_size, self.config.vae.in_channels
-    x = images if isinstance(images, jax.Array) else np.asarray(images)
-    if x.ndim != 4:
-      raise ValueError(f'images must be a 4-D NHWC batch (B, {size}, {size}, {cin}), got shape '
-                       f'{tuple(x.shape)}')
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f'images must be floats in [-1, 1], got dtype {x.dtype} '
-                       '(for uint8 pixels use x / 127.5 - 1)')
-    if tuple(x.shape[1:]) != (size, size, cin):
-      hint = ' (NCHW? transpose to NHWC)' if x.shape[1] == cin else ''
-      raise ValueError(f'images must be {size}x{size} with {cin} channels, NHWC (B, {size}, {size}, '
-                       f'{cin}); got {tuple(x.shape)}{hint}')
-    lo, hi = float(x.min()), float(x.max())
-    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1 - RANGE_TOL or hi > 1 + RANGE_TOL:
-      raise ValueError(f'images must be in [-1, 1], got values in [{lo:.4g}, {hi:.4g}] '
-                       '(for [0, 1] images use 2 * x - 1)')
-    return jnp.asarray(x, jnp.float32)
+    from var_jax.sampling_args import check_images
+    return jnp.asarray(check_images(images, self.config), jnp.float32)
 
   def check_tokens(self, tokens: Sequence[Any]) -> List[jax.Array]:
     """One int (B, pn*pn) (or (B, pn, pn)) map per scale, codes in [0, vocab)."""
@@ -189,6 +175,32 @@ class Pipeline:
     params = self._ready if dtype == self.dtype else self.var_params
     key = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
     return s(self.vae_params, params, args.labels, args.cfg, args.top_p, key)
+
+  def edit(self, images: Any, keep_mask: Any, labels: Any, *, cfg: float = 1.5, top_k: int = 900,
+           top_p: float = 0.96, seed: Any = 0, more_smooth: bool = False, dtype: Any = None,
+           mesh: Any = None) -> Tuple[jax.Array, List[jax.Array]]:
+    """Zero-shot in-painting, out-painting or class-conditional editing (var_jax.edit):
+    (images NHWC in [0, 1], per scale the token map it contributed).
+
+    images: NHWC float32 in [-1, 1] (as `encode` takes); their token maps are what is
+      kept, encoded from the WHOLE unmasked image as the reference does, so kept tokens
+      near the mask's edge carry some information about the regenerated region.
+    keep_mask: 1 = keep, 0 = generate; (h, w) / (B, h, w) at the last scale's token
+      resolution, or (H, W) / (B, H, W) pixels (each token's patch averaged; a token is
+      kept at the last scale when more than half its pixels are).
+    labels: class ids, or num_classes (the unconditional class) for plain in-/out-painting.
+    Scale k keeps where bilinear(keep_mask, pn_k) > 0.5; scales of <= 3 tokens keep all.
+    Sampling options as `sample`."""
+    from var_jax import edit
+    self._require_var()
+    x, mask, y, args = edit.edit_args(self.config, images, keep_mask, labels, cfg, top_k, top_p,
+                                      mesh)
+    dtype = self.dtype if dtype is None else jnp.dtype(dtype)
+    s = self._sampler(top_k=args.top_k, use_top_p=args.top_p > 0, more_smooth=more_smooth,
+                      dtype=dtype, mesh=mesh)
+    params = self._ready if dtype == self.dtype else self.var_params
+    key = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
+    return s.edit(self.vae_params, params, x, mask, y, args.cfg, args.top_p, key)
 
   def _sampler(self, **kw):
     from var_jax.sampler import Sampler

@@ -20,6 +20,9 @@
   key           a jax.random key; scale k draws with fold_in(key, k), so the
                 draws never depend on the device count
   keep          None (sampling), or `Keep` (the hook for zero-shot editing, see there)
+`Sampler.edit(vae_params, var_params, images, mask_Bhw, labels_B, cfg, top_p, key)` is
+the same program with the Keep built inside it from images and a token-resolution mask
+(var_jax.edit has the validated one-call form).
 Returns images NHWC float32 in [0, 1] (f_hat (B, h, w, Cvae) with decode=False)
 and tokens (a list of int32 (B, pn_k^2)); with return_logits also {'guided',
 'cond', 'uncond'}: per scale (B, pn_k^2, V) float32 logits.
@@ -55,6 +58,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from var_jax import parallel
 from var_jax.config import ModelConfig
+from var_jax.ops.resize import bilinear_resize
 from var_jax.ops.top_k_top_p import effective_top_k, top_k_top_p_filter
 from var_jax.sampling_args import BATCH_AXES, check_sampling_args
 from var_jax.sampling_args import SamplingArgs, check_labels  # noqa: F401  (re-exported)
@@ -84,6 +88,29 @@ class Keep:
   """
   tokens: Tuple[jax.Array, ...]
   mask: Tuple[jax.Array, ...]
+
+  @classmethod
+  def from_mask(cls, tokens: Sequence[jax.Array], mask_Bhw: jax.Array,
+                patch_nums: Sequence[int]) -> 'Keep':
+    """Keep `tokens` where `keep_masks(mask_Bhw, patch_nums)` holds (the reference's rule)."""
+    return cls(tuple(tokens), keep_masks(mask_Bhw, patch_nums))
+
+
+def keep_masks(mask_Bhw: jax.Array, patch_nums: Sequence[int]) -> Tuple[jax.Array, ...]:
+  """Per-scale keep masks, bool (B, pn_k^2), from a (B, h, w) mask at the last scale's
+  resolution (1 = keep): the mask resized to pn_k x pn_k by bilinear interpolation
+  (align_corners=False, no antialiasing: ops.resize.bilinear_matrix), then `> 0.5`
+  (exactly 0.5 is not kept); a scale of at most 3 tokens keeps every position (the
+  reference's demo_zero_shot_edit.ipynb)."""
+  B = mask_Bhw.shape[0]
+  m_BhwC = mask_Bhw.astype(jnp.float32)[..., None]
+  out = []
+  for pn in patch_nums:
+    if pn * pn <= 3:
+      out.append(jnp.ones((B, pn * pn), bool))
+    else:
+      out.append((bilinear_resize(m_BhwC, (pn, pn)) > 0.5).reshape(B, pn * pn))
+  return tuple(out)
 
 
 # --- parameters ready for the program ----------------------------------------------
@@ -204,6 +231,23 @@ class Sampler:
     if keep is not None:
       keep = jax.tree.map(lambda a: jax.device_put(a, _batch_spec(self.mesh, a.ndim)), keep)
     return vae_params, var_params, labels_B, cfg, top_p, key, keep
+
+  def edit(self, vae_params, var_params, images_BHWC, mask_Bhw, labels_B, cfg, top_p, key):
+    """Zero-shot editing in one program: the images' token maps (VQVAE.img_to_idx) are
+    kept where Keep.from_mask(tokens, mask_Bhw) holds, the rest is sampled as by __call__.
+    mask_Bhw: float (B, h, w) at the last scale's resolution, 1 = keep; labels_B may hold
+    num_classes (the unconditional class: plain in-/out-painting)."""
+    placed = self._place(vae_params, var_params, labels_B, cfg, top_p, key,
+                         (jnp.asarray(images_BHWC, jnp.float32), jnp.asarray(mask_Bhw, jnp.float32)))
+    return self._run_edit(*placed)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def _run_edit(self, vae_params, var_params, labels_B, cfg, top_p, key, image_and_mask):
+    images_BHWC, mask_Bhw = image_and_mask
+    _, vae = self.models()
+    tokens = vae.apply({'params': vae_params}, images_BHWC, method=VQVAE.img_to_idx)
+    keep = Keep.from_mask(tokens, mask_Bhw, self.config.var.patch_nums)
+    return self._run(vae_params, var_params, labels_B, cfg, top_p, key, keep)
 
   @functools.partial(jax.jit, static_argnums=0)
   def _run(self, vae_params, var_params, labels_B, cfg, top_p, key, keep):

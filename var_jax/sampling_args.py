@@ -1,5 +1,5 @@
-"""Sampling arguments, checked in one place for the API (Pipeline.sample,
-sampler.sample) and the command line (var-jax sample).
+"""Sampling and editing arguments, checked in one place for the API (Pipeline.sample,
+Pipeline.edit, sampler.sample, edit.edit) and the command line (var-jax sample, edit).
 
     args = check_sampling_args(cfg, top_k, top_p, labels=labels, config=config)
 
@@ -15,6 +15,7 @@ import numpy as np
 log = logging.getLogger('var_jax')
 
 BATCH_AXES = ('data', 'fsdp')   # mesh axes the sampling batch is split over
+RANGE_TOL = 1e-3                # images may overshoot [-1, 1] by this much (rounding in preprocessing)
 
 
 class SamplingArgs(NamedTuple):
@@ -80,6 +81,28 @@ def check_labels(labels: Any, num_classes: Optional[int], what: str = 'labels') 
     bad = sorted(set(arr[(arr < 0) | (arr >= num_classes)].tolist()))
     raise ValueError(f'{what} must be in [0, {num_classes}) (num_classes={num_classes}), got {bad[:8]}')
   return arr.astype(np.int32)
+
+
+def check_images(images: Any, config: Any) -> Any:
+  """NHWC float images of the model's size in [-1, 1] (small tolerance), returned as
+  given (numpy or jax; only their min and max come to the host)."""
+  size, cin = config.image_size, config.vae.in_channels
+  x = images if hasattr(images, 'dtype') and hasattr(images, 'ndim') else np.asarray(images)
+  if x.ndim != 4:
+    raise ValueError(f'images must be a 4-D NHWC batch (B, {size}, {size}, {cin}), got shape '
+                     f'{tuple(x.shape)}')
+  if not np.issubdtype(x.dtype, np.floating):
+    raise ValueError(f'images must be floats in [-1, 1], got dtype {x.dtype} '
+                     '(for uint8 pixels use x / 127.5 - 1)')
+  if tuple(x.shape[1:]) != (size, size, cin):
+    hint = ' (NCHW? transpose to NHWC)' if x.shape[1] == cin else ''
+    raise ValueError(f'images must be {size}x{size} with {cin} channels, NHWC (B, {size}, {size}, '
+                     f'{cin}); got {tuple(x.shape)}{hint}')
+  lo, hi = float(x.min()), float(x.max())
+  if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1 - RANGE_TOL or hi > 1 + RANGE_TOL:
+    raise ValueError(f'images must be in [-1, 1], got values in [{lo:.4g}, {hi:.4g}] '
+                     '(for [0, 1] images use 2 * x - 1)')
+  return x
 
 
 def _is_real(x) -> bool:

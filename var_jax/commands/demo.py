@@ -1,9 +1,14 @@
-"""`var-jax demo [--out DIR]`: sample every digit class from the embedded model, offline.
+"""`var-jax demo [--out DIR] [--edit]`: the embedded digits model, offline.
 
 Loads the digits checkpoint shipped in the package (var_jax/assets/digits), draws
 --per-class samples of each of the 10 classes with the shipped sampling defaults,
 and writes DIR/grid.png (a row per class) and DIR/samples.npz (images: uint8 NHWC,
-labels: int32). See var_jax.demo and README.md ("The embedded digits model").
+labels: int32). With --edit, zero-shot class editing instead: the first held-out
+digit of each class keeps its upper half and has its lower half regenerated as each
+class 0-9; writes DIR/edit_grid.png (a row per digit: the digit, the kept half, the
+10 edits) and DIR/edits.npz (originals, sources, edits [digit, class], predicted),
+and prints how many edits the demo's classifier reads as the requested class.
+See var_jax.demo and README.md ("The embedded digits model").
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ def add_arguments(parser):
   parser.add_argument('--top-k', type=int, default=None, help='top-k filter, 0 off (default: shipped)')
   parser.add_argument('--top-p', type=float, default=None, help='nucleus filter, 0 off (default: shipped)')
   parser.add_argument('--seed', type=int, default=None, help='sampling seed (default 0)')
+  parser.add_argument('--edit', action='store_true',
+                      help='zero-shot editing: held-out digits, lower half regenerated as each class')
 
 
 def _run(args) -> int:
@@ -37,6 +44,17 @@ def _run(args) -> int:
   show_info_logs()
   from var_jax import demo
   t0 = time.perf_counter()
+  if args.edit:
+    if args.per_class is not None:
+      raise CommandError('--per-class is for sampling; --edit edits one held-out digit per class',
+                         USAGE)
+    r = demo.run_edit(args.out, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                      seed=0 if args.seed is None else args.seed)
+    print(f'wrote {r["grid"]} (a row per held-out digit: the digit, its kept upper half, its lower '
+          f'half regenerated as 0-9) and {r["edits"]} in {time.perf_counter() - t0:.1f}s; the '
+          f'classifier reads {round(r["accuracy"] * r["count"])} of the {r["count"]} edits toward '
+          f'another class as that class ({r["accuracy"]:.0%})')
+    return 0
   paths = demo.run(args.out, per_class=args.per_class, cfg=args.cfg, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed)
   print(f'wrote {paths["grid"]} (one row per digit 0-9) and {paths["samples"]} '

@@ -1,9 +1,10 @@
 """Torch-exact image resizing for the multi-scale quantizer.
 
 The reference resizes latents with `F.interpolate(mode='bicubic')` (up) and
-`mode='area'` (down). Neither matches `jax.image.resize`: torch's bicubic is cubic
+`mode='area'` (down), and zero-shot editing's keep masks with `mode='bilinear'`. Neither matches `jax.image.resize`: torch's bicubic is cubic
 convolution with a = -0.75, align_corners=False and border-clamped taps, without
-antialiasing; its area mode is adaptive average pooling with overlapping windows.
+antialiasing; its area mode is adaptive average pooling with overlapping windows; its bilinear
+mode does not antialias when downsampling (jax's 'linear' does).
 Shapes are static, so each resize is an (out x in) weight matrix per axis, built
 with numpy at trace time and applied with one einsum per axis.
 """
@@ -62,6 +63,27 @@ def area_matrix(n_in: int, n_out: int) -> np.ndarray:
   return w.astype(np.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) float32 weights of torch's bilinear interpolation along one axis
+  (align_corners=False, no antialiasing): output i reads the source coordinate
+  s = max((i + 0.5) * in/out - 0.5, 0), i.e. rows floor(s) and floor(s) + 1 (clamped)
+  with weights 1 - frac(s) and frac(s). The coordinate and the weights are computed in
+  float32 as torch's CPU kernel does, so a weight of exactly 0.5 stays exactly 0.5."""
+  f32 = np.float32
+  scale = f32(n_in) / f32(n_out)
+  src = np.maximum(scale * (np.arange(n_out, dtype=f32) + f32(0.5)) - f32(0.5), f32(0))
+  i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  lam1 = np.clip(src - i0.astype(f32), f32(0), f32(1)).astype(f32)
+  lam0 = (f32(1) - lam1).astype(f32)
+  i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
+  w = np.zeros((n_out, n_in), f32)
+  rows = np.arange(n_out)
+  np.add.at(w, (rows, i0), lam0)
+  np.add.at(w, (rows, i1), lam1)
+  return w
+
+
 def _check(x_BHWC: jax.Array, size: Tuple[int, int], what: str) -> Tuple[int, int]:
   if x_BHWC.ndim != 4:
     raise ValueError(f'{what} expects a (B, H, W, C) array, got shape {x_BHWC.shape}')
@@ -90,6 +112,13 @@ def bicubic_resize(x_BHWC: jax.Array, size: Tuple[int, int]) -> jax.Array:
   if H == 1 and W == 1:   # every tap clamps onto the single pixel
     return jnp.broadcast_to(x_BHWC, (B, h, w, C))
   return _apply(x_BHWC, bicubic_matrix(H, h), bicubic_matrix(W, w))
+
+
+def bilinear_resize(x_BHWC: jax.Array, size: Tuple[int, int]) -> jax.Array:
+  """`F.interpolate(x, size, mode='bilinear', align_corners=False)` on NHWC (no antialiasing)."""
+  h, w = _check(x_BHWC, size, 'bilinear_resize')
+  _, H, W, _ = x_BHWC.shape
+  return _apply(x_BHWC, bilinear_matrix(H, h), bilinear_matrix(W, w))
 
 
 def area_resize(x_BHWC: jax.Array, size: Tuple[int, int]) -> jax.Array:
