@@ -71,9 +71,11 @@ def _check_args(args) -> None:
   if args.box is not None:
     from var_jax.edit import box_mask
     box_mask(2, *parse_box(args.box))            # the box's own checks (ValueError)
-  for out in (args.out, args.tokens_out):
-    if out and os.path.exists(out) and not args.force:
-      raise CommandError(f'{out} exists; choose another --out/--tokens-out or pass --force', FAILURE)
+  from var_jax import safe_io
+  outputs = {'--out': args.out, '--tokens-out': args.tokens_out}
+  safe_io.check_distinct(outputs)
+  for flag, path in outputs.items():
+    safe_io.check_output(path, force=args.force, flag=flag)
   if not os.path.isdir(args.checkpoint):
     raise CommandError(f'checkpoint directory not found: {args.checkpoint}', FAILURE)
   for what, path in (('image', args.image), ('mask', args.mask)):
@@ -144,4 +146,4 @@ def _run(args) -> int:
 
 
 def run(args) -> int:
-  return guarded('edit', _run, args)
+  return guarded('edit', _run, args, signals=True)
