@@ -146,7 +146,6 @@ def vqvae_modes():
 
 def bench_vqvae(args, rows):
   from flax import linen as nn
-  from var_jax.config import VQVAEConfig
   from var_jax.tokenizer import VQVAE, vqvae_flops
   cfg = args.vqvae
   B, S, h = args.vae_batch, cfg.image_size, cfg.v_patch_nums[-1]

@@ -123,7 +123,7 @@ def test_bilinear_is_not_jax_linear_and_exactly_half_is_not_kept():
 # --- masks at pixel resolution ---------------------------------------------------------
 def test_pixel_masks_average_each_tokens_patch():
   fx = get_fixture('tiny4')
-  cfg, h, f = fx.config, fx.config.patch_nums[-1], fx.config.image_size // fx.config.patch_nums[-1]
+  cfg, f = fx.config, fx.config.image_size // fx.config.patch_nums[-1]
   tok = edit_npz(fx)['classedit_mask']
   pix = np.repeat(np.repeat(tok, f, axis=1), f, axis=2)
   np.testing.assert_array_equal(edit.token_mask(pix, cfg, 2), tok)

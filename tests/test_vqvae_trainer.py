@@ -2,7 +2,6 @@
 the train/restart steps, the trainer loop (resume, export), and the configs."""
 import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp

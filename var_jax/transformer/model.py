@@ -33,7 +33,7 @@ module fields); `init_params` is the plain-function form the trainer uses.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Sequence, Tuple
 
 import flax
 import jax
