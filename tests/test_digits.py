@@ -1,5 +1,4 @@
 """The digits data set, its classifier, and the embedded digits model behind `var-jax demo`."""
-import json
 
 import numpy as np
 import pytest
@@ -67,8 +66,6 @@ def test_embedded_checkpoint_is_native_and_small():
   cfg = pipe.config
   assert cfg.image_size == 32 and cfg.patch_nums == (1, 2, 3, 4, 6, 8)
   assert len(cfg.vae.ch_mult) == 3 and cfg.var.num_classes == 10
-  info = json.loads((d / demo.DEMO_JSON).read_text())
-  assert info['measured']['accuracy'] >= 0.9     # the figure README.md ("The embedded digits model") reports
 
 
 def test_demo_command_writes_grid_and_accurate_samples(tmp_path, capsys):
