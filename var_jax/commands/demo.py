@@ -40,14 +40,14 @@ def _run(args) -> int:
   check_sampling_args(0.0 if args.cfg is None else args.cfg, args.top_k or 0,
                       0.0 if args.top_p is None else args.top_p,
                       names={'cfg': '--cfg', 'top_k': '--top-k', 'top_p': '--top-p'})
+  if args.edit and args.per_class is not None:
+    raise CommandError('--per-class is for sampling; --edit edits one held-out digit per class',
+                       USAGE)
   _check_outputs(args)
   show_info_logs()
   from var_jax import demo
   t0 = time.perf_counter()
   if args.edit:
-    if args.per_class is not None:
-      raise CommandError('--per-class is for sampling; --edit edits one held-out digit per class',
-                         USAGE)
     r = demo.run_edit(args.out, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                       seed=0 if args.seed is None else args.seed)
     print(f'wrote {r["grid"]} (a row per held-out digit: the digit, its kept upper half, its lower '

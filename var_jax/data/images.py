@@ -70,7 +70,11 @@ class TfdsSource:
 
   def __init__(self, name: str, split: str, data_dir: str | None = None,
                image_key: str = 'image', label_key: str = 'label'):
-    import tensorflow_datasets as tfds
+    try:
+      import tensorflow_datasets as tfds
+    except ImportError:
+      raise ValueError("data.kind='tfds' needs tensorflow-datasets: pip install 'var-jax[tfds]' "
+                       "(or use data.kind='folder' on an image folder)") from None
     self._ds = tfds.data_source(name, split=split, data_dir=data_dir)
     self.image_key, self.label_key = image_key, label_key
     try:
