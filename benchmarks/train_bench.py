@@ -8,6 +8,8 @@ Several variants in one process, one table (unattended: random weights, syntheti
 a fixed number of steps; a variant that fails, e.g. out of memory, is a row saying so):
   python benchmarks/train_bench.py --config configs/var_d16.py --batch 64 --steps 10 --sweep
   python benchmarks/train_bench.py ... --sweep --variants 'attention=xla,remat=block;data=tokens'
+A kernel breakdown: add --profile DIR (a jax.profiler trace of 3 more steps per variant),
+then `python ../shared/bench/kernel_breakdown.py DIR --calls 3`.
 Memory of a big model on a mesh, compiled on abstract parameters (nothing allocated; works
 on CPU with fake devices):
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
@@ -128,7 +130,8 @@ def compile_step(task, batch_global):
     return task._train_step.lower(abstract, task.vae_params, batch_global, lw).compile()
 
 
-def measure(config_path, overrides, variant, batch, steps, compile_only=False) -> Dict[str, Any]:
+def measure(config_path, overrides, variant, batch, steps, compile_only=False,
+            profile: str = '') -> Dict[str, Any]:
   from var_jax.train import loop, writer
   row: Dict[str, Any] = dict(variant)
   t0 = time.perf_counter()
@@ -162,6 +165,11 @@ def measure(config_path, overrides, variant, batch, steps, compile_only=False) -
              tflops_per_s=task.flops_per_image * batch / dt / 1e12,
              mfu=task.flops_per_image * batch / dt / (n_dev * peak) if peak > 0 else None,
              loss=float(m['loss']))
+  if profile:                     # a trace of 3 more steps, for ../shared/bench/kernel_breakdown.py
+    with jax.profiler.trace(profile):
+      for _ in range(3):
+        state, m = step(state)
+      jax.block_until_ready((state, m))
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
     row['peak_GiB'] = stats['peak_bytes_in_use'] / GiB
@@ -199,6 +207,8 @@ def main(argv=None) -> int:
                   help="';'-separated variants, each 'key=value,...' over the flags above")
   ap.add_argument('--compile_only', action='store_true',
                   help='compile on abstract params and report memory_analysis only')
+  ap.add_argument('--profile', default='', metavar='DIR',
+                  help='write a jax.profiler trace of 3 steps of each variant here')
   ap.add_argument('--json', default='', help='append each row as one JSON line to this file')
   args, overrides = ap.parse_known_args(argv)
   bad = [o for o in overrides if not o.startswith('--config.')]
@@ -216,7 +226,8 @@ def main(argv=None) -> int:
   rows = []
   for v in variants:
     try:
-      row = measure(args.config, overrides, v, args.batch, args.steps, args.compile_only)
+      row = measure(args.config, overrides, v, args.batch, args.steps, args.compile_only,
+                    args.profile)
     except Exception as e:   # e.g. out of memory, or an attention the platform cannot run
       row = dict(v, error=f'{type(e).__name__}: {str(e).splitlines()[0][:120]}')
       if not args.sweep:

@@ -81,7 +81,7 @@ def var_config(depth=16, patch_nums=PN_256, **over):
       # as 'dots_saveable' (keep the matmul outputs, recompute the elementwise work).
       # Compiled temporary memory of the d16 B64 gradient with cuDNN attention on an H100:
       # none 70.1 GiB, dots_saveable 18.4 GiB, block 5.3 GiB; with dots_saveable the whole
-      # d16 B64 step ran at 230 images/s in 22 GiB (benchmarks/RESULTS.md).
+      # d16 B64 step ran at 228 images/s in 22 GiB, 309 from tokens (benchmarks/RESULTS.md).
       remat='dots_saveable',
   ))
   c.init = ml_collections.ConfigDict(dict(   # init_weights multipliers

@@ -13,9 +13,10 @@ Speed options (see configs/common.py for what each costs and buys): model.attent
 (cuDNN flash attention on GPUs, splash on TPUs), vae.precision='default' (TF32 tokenizer
 convs, like the reference trainer), model.remat='dots_saveable' (keep matmul outputs,
 recompute the rest); `benchmarks/train_bench.py --sweep` measures them. Measured with these
-defaults on one H100 (2026-11-23, batch 64 per GPU, random weights, images tokenised in the
-step): 278 ms/step = 230 images/s, 22 GiB peak, MFU 22%; the reference trainer ran
-126.7 images/s in 45 GiB on the same GPU.
+defaults on one H100 (2026-11-23, batch 64 per GPU, random weights): images tokenised in
+the step 280 ms/step = 228 images/s, 22 GiB peak, MFU 21.5%; from pre-tokenised data
+(data.kind=tokens) 207 ms/step = 309 images/s, MFU 29%; the reference trainer ran
+126.9 images/s in 45 GiB on the same machine.
 
 Hardware/time: not run at full scale in this repository. The reference trained it
 on A100 nodes in fp16; this port uses bf16 compute with f32 master weights.

@@ -22,11 +22,12 @@ def sample(ckpt, *extra):
   return cli.main(['sample', '--checkpoint', str(ckpt), '--no-progress', *map(str, extra)])
 
 
-def test_sample_greedy_matches_reference(ckpt, tmp_path):
+@pytest.mark.parametrize('blocks', [[], ['--unrolled']], ids=['scan', 'unrolled'])
+def test_sample_greedy_matches_reference(ckpt, tmp_path, blocks):
   fx = get_fixture(FX)
   labels = ','.join(str(int(v)) for v in fx.raw_config['sampling']['label'])
   rc = sample(ckpt, '--labels', labels, '--cfg', 2.0, '--top-k', 1, '--top-p', 0, '--seed', 0,
-              '--out', tmp_path / 'grid.png', '--tokens-out', tmp_path / 'tokens.npz')
+              '--out', tmp_path / 'grid.png', '--tokens-out', tmp_path / 'tokens.npz', *blocks)
   assert rc == 0
   with np.load(tmp_path / 'tokens.npz') as z:
     assert sorted(z.files) == [f'idx_{k}' for k in range(4)]
