@@ -66,6 +66,7 @@ def get_fixture(name):
   return _CACHE[name]
 
 
-@pytest.fixture(params=FIXTURE_NAMES)
+@pytest.fixture(params=[pytest.param('tiny4'), pytest.param('tiny10', marks=pytest.mark.slow)])
 def fx(request):
+  """Each fixture in turn; tiny10 (the 10-scale 256 px schedule) only in the full run."""
   return get_fixture(request.param)

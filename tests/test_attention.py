@@ -94,6 +94,7 @@ def _value_and_grads(impl, q, k, v, scale, mask):
 
 @pytest.mark.parametrize('impl', ['cudnn:xla', 'splash:interpret'])
 @pytest.mark.parametrize('patch_nums', [(1, 2), PATCH_NUMS], ids=['L5_odd', 'L30'])
+@pytest.mark.slow
 def test_fused_wrappers_match_xla_teacher_forcing(impl, patch_nums):
   """Block-causal mask, odd and even L (cuDNN pads odd L; splash pads to 128):
   outputs and q/k/v gradients equal the xla path (float32: to rounding)."""
@@ -110,6 +111,7 @@ def test_fused_wrappers_match_xla_teacher_forcing(impl, patch_nums):
 
 @pytest.mark.parametrize('impl', ['cudnn:xla', 'splash:interpret'])
 @pytest.mark.parametrize('lq,lk', [(1, 1), (9, 14), (16, 30)])
+@pytest.mark.slow
 def test_fused_wrappers_match_xla_cached_step(impl, lq, lk):
   """KV-cached decoding: one scale's queries against the prefix, no mask."""
   q, k, v = qkv((2, lq, 2, 8), (2, lk, 2, 8), seed=lq)
@@ -181,6 +183,7 @@ def _decode_all(model, params, labels, x):
 
 
 @pytest.mark.parametrize('impl,scan', [('cudnn:xla', True), ('splash:interpret', False)])
+@pytest.mark.slow
 def test_model_uses_the_chosen_implementation(monkeypatch, tiny, impl, scan):
   """VAR routes teacher forcing and the KV-cached steps through the resolved
   implementation; both equal the xla model (float32)."""
@@ -200,6 +203,7 @@ def test_model_uses_the_chosen_implementation(monkeypatch, tiny, impl, scan):
   np.testing.assert_allclose(got_dec, want_dec, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_last_scale_keys_are_not_written(tiny):
   """decode_scale writes every scale's keys/values except the last one's."""
   params, labels, x = tiny
@@ -213,6 +217,7 @@ def test_last_scale_keys_are_not_written(tiny):
 
 # --- remat ------------------------------------------------------------------------------
 @pytest.mark.parametrize('scan', [True, False], ids=['scan', 'unrolled'])
+@pytest.mark.slow
 def test_remat_options_give_the_same_gradients(tiny, scan):
   """'block' and a checkpoint policy put the blocks under jax.checkpoint (a remat in
   the jaxpr; none without) and leave the gradients unchanged, in both block loops."""

@@ -23,6 +23,7 @@ def sample(ckpt, *extra):
 
 
 @pytest.mark.parametrize('blocks', [[], ['--unrolled']], ids=['scan', 'unrolled'])
+@pytest.mark.slow
 def test_sample_greedy_matches_reference(ckpt, tmp_path, blocks):
   fx = get_fixture(FX)
   labels = ','.join(str(int(v)) for v in fx.raw_config['sampling']['label'])
@@ -40,6 +41,7 @@ def test_sample_greedy_matches_reference(ckpt, tmp_path, blocks):
   assert np.abs(grid[2:66, 2:66].astype(int) - want).max() <= 1  # rounding at .5 only
 
 
+@pytest.mark.slow
 def test_npz_is_resumable(ckpt, tmp_path):
   """An interrupted --npz-out run, rerun, gives exactly the one-shot result."""
   common = ['--num-per-class', 1, '--batch-size', 4, '--cfg', 1.5, '--top-k', 5, '--top-p', 0,
@@ -66,6 +68,7 @@ def test_npz_is_resumable(ckpt, tmp_path):
     assert ta['idx_3'].shape == (10, 16)
 
 
+@pytest.mark.slow
 def test_npz_out_keeps_user_files_and_replaces_only_its_own(ckpt, tmp_path, monkeypatch):
   """An existing --npz-out is the user's: refused before sampling. A run killed while
   writing its final outputs (after the .npz, before its parts folder went) is resumed by
@@ -97,6 +100,7 @@ def test_npz_out_keeps_user_files_and_replaces_only_its_own(ckpt, tmp_path, monk
   assert sample(ckpt, *common, *outs, '--force') == 0 and not parts.exists()
 
 
+@pytest.mark.slow
 def test_reconstruct(ckpt, tmp_path):
   fx = get_fixture(FX)
   paths = []
@@ -150,6 +154,7 @@ def test_missing_inputs_fail_cleanly(ckpt, tmp_path, capsys):
   assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_top_k_beyond_the_vocabulary_and_the_embedded_model(ckpt, tmp_path, capsys):
   """--top-k above the vocabulary samples without a top-k cut (said on stderr), exactly
   like --top-k 0; the embedded digits model samples with the default options."""

@@ -141,6 +141,7 @@ def _shape_sd(entry):
 
 @pytest.mark.parametrize('name', ['var_d16.pth', 'var_d20.pth', 'var_d24.pth', 'var_d30.pth',
                                   'var_d36.pth'])
+@pytest.mark.slow
 def test_release_files_map_completely(name):
   """Each released VAR (and the VQVAE with it): inferred config = its constructor, and the
   converter places every key with the right shape (eval_shape only, nothing allocated)."""

@@ -68,6 +68,7 @@ def test_embedded_checkpoint_is_native_and_small():
   assert len(cfg.vae.ch_mult) == 3 and cfg.var.num_classes == 10
 
 
+@pytest.mark.slow
 def test_demo_command_writes_grid_and_accurate_samples(tmp_path, capsys):
   from PIL import Image
   from var_jax import cli
@@ -86,6 +87,7 @@ def test_demo_command_writes_grid_and_accurate_samples(tmp_path, capsys):
   assert cli.main(['demo', '--out', str(tmp_path), '--per-class', '0']) == 2
 
 
+@pytest.mark.slow
 def test_demo_edit_regenerates_lower_halves_as_the_requested_class(tmp_path, capsys):
   """`var-jax demo --edit`: 10 held-out digits x 10 target classes. The classifier reads
   the edits toward another class as that class far more often than the unedited digits

@@ -186,6 +186,7 @@ def _stochastic_batch():
 STOCHASTIC = dict(cfg=1.5, top_k=20, top_p=0.8, more_smooth=True)
 
 
+@pytest.mark.slow
 def test_kept_tokens_survive_stochastic_sampling():
   """top-k/top-p + more_smooth: every kept position holds the image's token at every
   scale; the rest varies with the seed."""

@@ -37,6 +37,7 @@ def save_mask(path, white):
   return path
 
 
+@pytest.mark.slow
 def test_box_inpainting_equals_the_api(ckpt, photo, tmp_path, capsys):
   rc = run_edit(ckpt, photo, '--box', '0.1,0.1,0.8,0.8', *GREEDY, '--out', tmp_path / 'g.png',
                 '--tokens-out', tmp_path / 't.npz')
@@ -57,6 +58,7 @@ def test_box_inpainting_equals_the_api(ckpt, photo, tmp_path, capsys):
   np.testing.assert_array_equal(mask_tile[48:], io_utils.read_image(photo)[48:])
 
 
+@pytest.mark.slow
 def test_mask_png_at_pixel_and_token_size_equals_the_box(ckpt, photo, tmp_path):
   """--outpaint with a box = a mask PNG white outside the box (64x64 or 4x4)."""
   common = [*GREEDY, '--label', 3]

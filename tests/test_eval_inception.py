@@ -57,6 +57,7 @@ def test_state_dict_keys_and_shapes_match_pytorch_fid(shapes):
 
 
 @pytest.mark.parametrize('size', SIZES)
+@pytest.mark.slow
 def test_features_match_pytorch_fid(net, golden, size):
   images = golden[f'images_{size}']
   assert images.dtype == np.uint8 and images.shape[0] == 2
@@ -163,6 +164,7 @@ def test_fingerprint_tells_weights_and_dtype_apart(shapes):
   assert len({fp(v0, np.float32), fp(v1, np.float32), fp(v0, jax.numpy.bfloat16)}) == 3
 
 
+@pytest.mark.slow
 def test_bfloat16_features_are_close(weights_file, golden):
   """bfloat16 compute: measured max |diff| 0.015 on pool3 values up to 3.6 (float32: 3e-6)."""
   net = inception.load(weights_file, dtype=jax.numpy.bfloat16,

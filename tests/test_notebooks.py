@@ -104,6 +104,7 @@ def test_stored_without_outputs_and_ready_for_colab(name):
   assert not (NOTEBOOKS / 'demo.ipynb').exists()
 
 
+@pytest.mark.slow
 def test_quickstart_runs(executed):
   handle, _ = executed['01_quickstart_digits.ipynb']
   nb = finish(handle)
@@ -113,6 +114,7 @@ def test_quickstart_runs(executed):
   assert images_of(nb) == 4                     # samples, reconstructions, edits, in-painting
 
 
+@pytest.mark.slow
 def test_weights_notebook_skips_cleanly_without_the_files(executed):
   handle, tmp_path = executed['02_imagenet_weights.ipynb']
   nb = finish(handle)
@@ -136,6 +138,7 @@ def test_weights_notebook_runs_on_converted_files(tmp_path):
   assert images_of(nb) == 3
 
 
+@pytest.mark.slow
 def test_training_notebook_runs(executed):
   handle, tmp_path = executed['03_train_digits.ipynb']
   nb = finish(handle)

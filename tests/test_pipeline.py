@@ -67,6 +67,7 @@ def test_mismatched_config_is_a_clear_error():
     var_jax.from_torch(fx.dir / 'vae.pth', config=raw)
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_and_export(tmp_path):
   fx = get_fixture('tiny4')
   pipe = pipeline('tiny4')

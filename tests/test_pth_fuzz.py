@@ -16,6 +16,7 @@ import pytest
 HERE = pathlib.Path(__file__).resolve().parent
 
 
+@pytest.mark.slow
 def test_reader_survives_fuzzing(tmp_path):
   seed = int(os.environ.get('VAR_JAX_FUZZ_SEED', 0))
   cases = int(os.environ.get('VAR_JAX_FUZZ_CASES', 2500))

@@ -34,8 +34,13 @@ def greedy(name, scan_blocks=True):
                         scan_blocks=scan_blocks)
 
 
-@pytest.mark.parametrize('scan', [True, False], ids=['scan', 'unrolled'])
-def test_greedy_sampling_matches_reference(fx, scan):
+@pytest.mark.parametrize('name,scan', [
+    pytest.param('tiny4', True, id='tiny4-scan'), pytest.param('tiny4', False, id='tiny4-unrolled'),
+    pytest.param('tiny10', True, id='tiny10-scan', marks=pytest.mark.slow)])
+def test_greedy_sampling_matches_reference(name, scan):
+  """Both block loops on tiny4; tiny10 (the 10-scale schedule) through the default scan
+  (test_scan_and_unrolled_blocks_sample_alike ties the two loops together)."""
+  fx = get_fixture(name)
   images, tokens, logs = greedy(fx.name, scan)
   K = len(fx.config.patch_nums)
   assert len(tokens) == K
@@ -80,6 +85,7 @@ def test_scan_and_unrolled_blocks_sample_alike():
   np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_ready_params_give_the_same_program_results():
   """Params made ready once (float32: stacked) = params as stored: greedy parity
   holds through the ready path, bit for bit."""
@@ -99,6 +105,7 @@ def test_ready_params_give_the_same_program_results():
                                                    jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_one_device_and_eight_devices_agree():
   """Stochastic top-k/top-p (+ more_smooth): same seed, same tokens and images."""
   fx, vae_p, var_p = loaded('tiny4')
@@ -165,6 +172,7 @@ def test_sampler_is_a_hashable_value():
     a.top_k = 3
 
 
+@pytest.mark.slow
 def test_keep_hook_replaces_tokens_before_the_next_scale():
   """Keep everything: the program returns the kept tokens and their features (f_hat);
   keep nothing: plain sampling."""
@@ -207,6 +215,7 @@ def test_weight_cast_counter_sees_a_cast():
   assert bench.count_converts(text, 'bf16', {(64, 192)}) == 0
 
 
+@pytest.mark.slow
 def test_bfloat16_program_has_no_weight_casts():
   """Ready bf16 params: the optimised program converts no block weight (per block or
   stacked) to bf16 and copies the KV cache at most once; with params as stored it
@@ -231,6 +240,7 @@ def test_bfloat16_program_has_no_weight_casts():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_bfloat16_sampling_keeps_head_and_draws_in_float32():
   """bf16 trunk: the program computes in bf16, the guided logits and images stay float32
   and close to the float32 run (tiny4, greedy)."""
@@ -322,6 +332,7 @@ def _filters_and_draws(key, shape, ties):
 
 @pytest.mark.parametrize('shape,ties', [((2, 3, 16), True), ((1, 9, 64), True),
                                         ((3, 4, 257), False)], ids=str)
+@pytest.mark.slow
 def test_filter_draws_equal_the_sorting_implementation(shape, ties):
   """Identical kept sets (bit for bit) and identical categorical draws for the same key,
   over 16 seeds x top_p in {0, 0.3, 0.9, 0.99} x top_k in {0, 1, 3, V-1, V+5}."""

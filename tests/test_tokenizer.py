@@ -283,6 +283,7 @@ def test_quantize_train(fx):
     assert nonzero(g['quantize']['quant_resi'][f'qresi_ls_{i}']['kernel']) == (i in used), i
 
 
+@pytest.mark.slow
 def test_forward_train_and_call():
   """forward_train (recon, vq_loss, tokens) and __call__; gradients reach every part."""
   r = run('tiny4')
@@ -314,6 +315,7 @@ def test_forward_train_and_call():
 
 
 # --- bfloat16 -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_bf16_compute_keeps_quantizer_float32():
   fx = get_fixture('tiny4')
   r = run('tiny4')
@@ -422,6 +424,7 @@ def _program_flops(fn, *args) -> int:
 @pytest.mark.parametrize('cfg', [VQVAEConfig(ch=32, ch_mult=(1, 2, 2), vocab_size=64, z_channels=8,
                                              v_patch_nums=(1, 2, 4)), VQVAEConfig()],
                          ids=['small', 'release'])
+@pytest.mark.slow
 def test_vqvae_flops_count_every_conv_and_matmul(cfg):
   """The analytic count equals the convs and matmuls of the traced encoder/decoder
   (quantizer excluded: encode_f and decode_fhat only)."""

@@ -381,6 +381,7 @@ def _rows(workdir):
   return [json.loads(line)['step'] for line in (pathlib.Path(workdir) / 'metrics.jsonl').open()]
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_is_set_aside_and_the_run_continues(t8, tmp_path, capsys):
   t8.ctx.config.run.log_every = 1
   try:

@@ -93,6 +93,7 @@ def test_logits_with_bf16_compute_are_close(fx):
 
 
 @pytest.mark.parametrize('scan', [True, False], ids=['scan', 'unrolled'])
+@pytest.mark.slow
 def test_kv_cached_decoding_matches_teacher_forcing(scan):
   """decode_scale, scale after scale, gives the teacher-forced logits (tiny4)."""
   fx, model, params = loaded('tiny4')
@@ -151,6 +152,7 @@ def test_release_shapes(name):
 
 
 @pytest.mark.parametrize('shared_aln,l2', [(True, True), (False, False), (True, False)])
+@pytest.mark.slow
 def test_variants_run_and_train_mode(shared_aln, l2):
   cfg = VARConfig(num_classes=5, depth=3, embed_dim=32, num_heads=4, shared_aln=shared_aln,
                   attn_l2_norm=l2, patch_nums=(1, 2, 3), drop_rate=0.1, attn_drop_rate=0.1,
@@ -194,8 +196,8 @@ def test_reference_init_statistics():
 @pytest.mark.slow
 def test_scan_and_unrolled_blocks_agree():
   """lax.scan over stacked blocks == unrolled blocks: logits, gradients (also with
-  remat) and the KV cache of a decoded scale (tiny10, depth 2)."""
-  fx, model, params = loaded('tiny10')
+  remat) and the KV cache of a decoded scale (tiny4, depth 2)."""
+  fx, model, params = loaded('tiny4')
   tgt = jnp.asarray(targets(fx))
   labels, x = fx.io['label'], fx.io['var_input']
 
@@ -218,6 +220,7 @@ def test_scan_and_unrolled_blocks_agree():
   assert not np.any(np.asarray(base[2].k[:, :, 1:]))           # ... and nothing else
 
 
+@pytest.mark.slow
 def test_scanned_drop_path_uses_per_block_rate():
   """depth 2, drop_path_rate 1: rates (0, 1), so in training block 0 is always kept
   and block 1 always dropped; the train output then equals the eval output with
@@ -249,6 +252,7 @@ def test_scanned_drop_path_uses_per_block_rate():
   assert not np.allclose(ref_scan, full, atol=1e-3)       # block 1 does matter in eval
 
 
+@pytest.mark.slow
 def test_scanned_dropout_differs_per_block():
   """Each scanned block gets its own dropout key: the FFN dropout masks of two
   blocks (recorded at run time through a method interceptor) differ, and a

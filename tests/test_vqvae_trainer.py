@@ -87,6 +87,7 @@ def _fake_vgg_state_dict(rng, with_lin=True):
   return sd
 
 
+@pytest.mark.slow
 def test_lpips_loader_layout_and_values(tmp_path, caplog):
   rng = np.random.default_rng(0)
   sd = _fake_vgg_state_dict(rng)
@@ -129,6 +130,7 @@ def test_lpips_off_when_absent_and_error_when_wrong(tmp_path, caplog):
     N.load_lpips_params(str(bad))
 
 
+@pytest.mark.slow
 def test_patch_discriminator_and_hinge():
   d = N.PatchDiscriminator(ndf=16, n_layers=2)
   x = jnp.zeros((2, 32, 32, 3))

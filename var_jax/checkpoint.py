@@ -64,6 +64,21 @@ def _drop_event_loop_noise(unraisable) -> None:
   _drop_event_loop_noise.previous(unraisable)
 
 
+class _DropOrphanedReadErrors(logging.Filter):
+  """On the 'asyncio' logger: drops 'Task exception was never retrieved' for the
+  tensorstore reads of a restore that already failed (orbax stops awaiting the other
+  arrays at the first error; their tasks report the same damage when collected, possibly
+  long after, as a traceback). Other tasks' errors pass."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (str(record.msg).startswith('Task exception was never retrieved')
+                and exc is not None and 'tensorstore_spec=' in str(exc))
+
+
+_ORPHANED_READS = _DropOrphanedReadErrors()
+
+
 @contextlib.contextmanager
 def quiet_orbax() -> Iterator[None]:
   """Runs orbax calls without their absl log lines (warnings and errors about files we
@@ -71,6 +86,7 @@ def quiet_orbax() -> Iterator[None]:
   if sys.unraisablehook is not _drop_event_loop_noise:
     _drop_event_loop_noise.previous = sys.unraisablehook
     sys.unraisablehook = _drop_event_loop_noise
+  logging.getLogger('asyncio').addFilter(_ORPHANED_READS)   # once: filters are a set
   absl = logging.getLogger('absl')
   level = absl.level
   absl.setLevel(logging.CRITICAL)
