@@ -197,6 +197,16 @@ class _StderrHandler(logging.StreamHandler):
     pass
 
 
+def add_sampling_arguments(parser) -> None:
+  """--cfg, --top-k, --top-p, --seed and --more-smooth with the reference's ImageNet
+  defaults (checked later by var_jax.sampling_args), for sample and edit."""
+  parser.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance scale (>= 0)')
+  parser.add_argument('--top-k', type=int, default=900, help='top-k filter (0: off)')
+  parser.add_argument('--top-p', type=float, default=0.96, help='nucleus filter in [0, 1) (0: off)')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--more-smooth', action='store_true', help="the reference's Gumbel smoothing")
+
+
 # --- persistent compilation cache ---------------------------------------------------
 CACHE_ENV = 'VAR_JAX_COMPILATION_CACHE'   # a directory, or off/0/no/false to disable
 _OFF = ('', '0', 'off', 'no', 'false', 'none')

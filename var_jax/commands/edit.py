@@ -24,7 +24,8 @@ import os
 
 import numpy as np
 
-from var_jax.commands._common import FAILURE, USAGE, CommandError, guarded, show_info_logs
+from var_jax.commands._common import (FAILURE, USAGE, CommandError, add_sampling_arguments, guarded,
+                                      show_info_logs)
 
 FLAGS = {'cfg': '--cfg', 'top_k': '--top-k', 'top_p': '--top-p'}
 
@@ -38,11 +39,7 @@ def add_arguments(parser):
   parser.add_argument('--outpaint', action='store_true', help='with --box: keep the box, regenerate the rest')
   parser.add_argument('--label', type=int, default=None,
                       help='class to edit toward (default: none, i.e. num_classes: plain in-/out-painting)')
-  parser.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance scale (>= 0)')
-  parser.add_argument('--top-k', type=int, default=900, help='top-k filter (0: off)')
-  parser.add_argument('--top-p', type=float, default=0.96, help='nucleus filter in [0, 1) (0: off)')
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--more-smooth', action='store_true', help="the reference's Gumbel smoothing")
+  add_sampling_arguments(parser)
   parser.add_argument('--num', type=int, default=4, help='number of edits (one batch)')
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
   parser.add_argument('--out', required=True, help='PNG grid: input, mask, edits')

@@ -31,7 +31,8 @@ import time
 
 import numpy as np
 
-from var_jax.commands._common import FAILURE, USAGE, CommandError, guarded, show_info_logs
+from var_jax.commands._common import (FAILURE, USAGE, CommandError, add_sampling_arguments, guarded,
+                                      show_info_logs)
 
 FLAGS = {'cfg': '--cfg', 'top_k': '--top-k', 'top_p': '--top-p', 'labels': '--labels'}
 MAX_SEED = 2**31 - 1
@@ -42,11 +43,7 @@ def add_arguments(parser):
   which = parser.add_mutually_exclusive_group(required=True)
   which.add_argument('--labels', help='comma-separated class labels, e.g. 1,2,3')
   which.add_argument('--num-per-class', type=int, help='N samples of every class, class by class')
-  parser.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance scale (>= 0)')
-  parser.add_argument('--top-k', type=int, default=900, help='top-k filter (0: off)')
-  parser.add_argument('--top-p', type=float, default=0.96, help='nucleus filter in [0, 1) (0: off)')
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--more-smooth', action='store_true', help="the reference's Gumbel smoothing")
+  add_sampling_arguments(parser)
   parser.add_argument('--batch-size', type=int, default=25, help='images per chunk')
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
                       help='compute dtype of the networks')
