@@ -16,7 +16,7 @@ on CPU with fake devices):
   python benchmarks/train_bench.py --config configs/var_d30.py --batch 64 --compile_only \\
       --config.mesh.fsdp=8 --config.mesh.data=1
 
-Options of a variant: attention (auto|xla|cudnn|splash), remat (none|block|dots_saveable|...),
+Options of a variant: attention (auto|xla|cudnn|splash), remat (none|block|dots_saveable|dots_attention_saveable|...),
 vae (the frozen tokenizer: highest = float32 HIGHEST, default = float32 at default precision
 (TF32 on GPUs), bf16 = bfloat16 compute) and data (images: the tokenizer runs in the step;
 tokens: pre-tokenised ids, no encoder). The step is the trainer's own jitted, donated step
@@ -50,7 +50,9 @@ SWEEP = ('attention=xla,remat=block,vae=highest,data=images;'
          'attention=auto,remat=none,vae=default,data=images;'
          'attention=auto,remat=none,vae=bf16,data=images;'
          'attention=auto,remat=none,vae=default,data=tokens;'
-         'attention=auto,remat=dots_saveable,vae=default,data=tokens')
+         'attention=auto,remat=dots_saveable,vae=default,data=tokens;'
+         'attention=auto,remat=dots_attention_saveable,vae=default,data=images;'
+         'attention=auto,remat=dots_attention_saveable,vae=default,data=tokens')
 GiB = float(1 << 30)
 
 

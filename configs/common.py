@@ -77,12 +77,18 @@ def var_config(depth=16, patch_nums=PN_256, **over):
       # 8.77 ms and 4.41 GiB (the materialised (B, H, L, L) logits). Logged at start.
       attention='auto',
       # Rematerialisation of each block in the backward pass: 'none', 'block' (keep only the
-      # block inputs: least memory, ~1/3 more FLOPs) or a jax.checkpoint_policies name such
-      # as 'dots_saveable' (keep the matmul outputs, recompute the elementwise work).
+      # block inputs: least memory, ~1/3 more FLOPs), a jax.checkpoint_policies name such
+      # as 'dots_saveable' (keep the matmul outputs, recompute the elementwise work), or
+      # 'dots_attention_saveable' (dots_saveable that also keeps the fused attention's
+      # output and softmax statistics, so the backward pass does not rerun the attention
+      # forward: 16 cuDNN forward calls, ~10.6 ms of the d16 step, for +1.4 GiB at B64).
       # Compiled temporary memory of the d16 B64 gradient with cuDNN attention on an H100:
       # none 70.1 GiB, dots_saveable 18.4 GiB, block 5.3 GiB; with dots_saveable the whole
       # d16 B64 step ran at 228 images/s in 22 GiB, 309 from tokens (benchmarks/RESULTS.md).
-      remat='dots_saveable',
+      # dots_attention_saveable (the default) is the same program minus those 16 calls
+      # (tests/test_attention.py); its GPU step time is not yet measured. With the xla
+      # attention (float32, CPU) it equals dots_saveable.
+      remat='dots_attention_saveable',
   ))
   c.init = ml_collections.ConfigDict(dict(   # init_weights multipliers
       adaln=0.5,                 # aln: AdaLN linear weights x adaln

@@ -11,12 +11,14 @@ Command (8 hosts x 8 accelerators or any mesh; batch is global):
   #   var-jax train ... --config.data.kind=tokens --config.data.path=/data/in256_tokens
 Speed options (see configs/common.py for what each costs and buys): model.attention='auto'
 (cuDNN flash attention on GPUs, splash on TPUs), vae.precision='default' (TF32 tokenizer
-convs, like the reference trainer), model.remat='dots_saveable' (keep matmul outputs,
-recompute the rest); `benchmarks/train_bench.py --sweep` measures them. Measured with these
-defaults on one H100 (2026-11-23, batch 64 per GPU, random weights): images tokenised in
-the step 280 ms/step = 228 images/s, 22 GiB peak, MFU 21.5%; from pre-tokenised data
-(data.kind=tokens) 207 ms/step = 309 images/s, MFU 29%; the reference trainer ran
-126.9 images/s in 45 GiB on the same machine.
+convs, like the reference trainer), model.remat='dots_attention_saveable' (keep matmul
+outputs and the attention's, recompute the rest); `benchmarks/train_bench.py --sweep`
+measures them. Measured on one H100 (2026-11-23, batch 64 per GPU, random weights) with
+remat='dots_saveable' (which also reruns the attention forward in the backward pass;
+the new default is not yet measured on a GPU): images tokenised in the step 280 ms/step
+= 228 images/s, 22 GiB peak, MFU 21.5%; from pre-tokenised data (data.kind=tokens) 207
+ms/step = 309 images/s, MFU 29%; the reference trainer ran 126.9 images/s in 45 GiB on
+the same machine.
 
 Hardware/time: not run at full scale in this repository. The reference trained it
 on A100 nodes in fp16; this port uses bf16 compute with f32 master weights.

@@ -8,7 +8,8 @@ import pathlib
 import sys
 
 port, nproc, pid, workdir, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={4 // nproc}'
+os.environ['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count={4 // nproc} '
+                           '--xla_backend_optimization_level=0')   # compile-bound, as in conftest
 os.environ['JAX_PLATFORMS'] = 'cpu'
 
 import jax  # noqa: E402

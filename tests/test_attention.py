@@ -12,7 +12,7 @@ import pytest
 
 from var_jax.config import VARConfig
 from var_jax.transformer import attention as attention_lib
-from var_jax.transformer.model import VAR, KVCache, block_causal_mask, init_params
+from var_jax.transformer.model import VAR, KVCache, block_causal_mask, init_params, remat_policy
 
 PATCH_NUMS = (1, 2, 3, 4)      # L = 30
 
@@ -227,12 +227,78 @@ def test_remat_options_give_the_same_gradients(tiny, scan):
     model = VAR(TINY, 16, 4, scan_blocks=scan, remat=remat)
     return jax.grad(lambda p: jnp.mean(jnp.square(model.apply({'params': p}, labels, x))))
 
-  options = ('none', 'block', 'dots_saveable')
+  options = ('none', 'block', 'dots_saveable', 'dots_attention_saveable')
   for remat in options:
     assert ('remat' in str(jax.make_jaxpr(grad_fn(remat))(params))) == (remat != 'none'), remat
   base, *others = jax.jit(lambda p: [grad_fn(r)(p) for r in options])(params)
   for other in others:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), other, base)
+
+
+def _equations(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs in its equations' parameters."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, 'jaxpr', sub)           # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, 'eqns'):
+          yield from _equations(sub)
+
+
+def _count_in_grad_jaxpr(loss, params, primitive: str) -> int:
+  """How many `primitive` equations the gradient of `loss` runs."""
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+  return sum(eqn.primitive.name == primitive for eqn in _equations(jaxpr))
+
+
+@pytest.mark.parametrize('scan', [True, False], ids=['scan', 'unrolled'])
+def test_dots_attention_saveable_keeps_the_splash_forward(monkeypatch, tiny, scan):
+  """With 'dots_attention_saveable' the splash forward kernel (interpreted: the same
+  pallas_call in the jaxpr) runs once per block in the gradient; with dots_saveable the
+  backward pass reruns it. Per block: forward, dq and dkv kernels, + the rerun."""
+  params, labels, x = tiny
+  monkeypatch.setattr(attention_lib, 'resolve', lambda name, dtype, platform=None: 'splash:interpret')
+
+  def count(remat):
+    model = VAR(TINY, 16, 4, attention='auto', scan_blocks=scan, remat=remat)
+    loss = lambda p: jnp.mean(jnp.square(model.apply({'params': p}, labels, x)))
+    return _count_in_grad_jaxpr(loss, params, 'pallas_call')
+
+  blocks = 1 if scan else TINY.depth       # the scanned body appears once in the jaxpr
+  assert count('dots_saveable') == 4 * blocks
+  assert count('block') == 4 * blocks
+  assert count('dots_attention_saveable') == 3 * blocks
+  assert count('attention_saveable') == 3 * blocks
+
+
+def test_dots_attention_saveable_keeps_the_cudnn_forward(monkeypatch):
+  """The policy recognises jax's cuDNN forward primitive by name: traced (not run) with
+  the CPU's missing cuDNN faked, the gradient of a checkpointed block holds one cuDNN
+  forward instead of two."""
+  fused = pytest.importorskip('jax._src.cudnn.fused_attention_stablehlo')
+  if not all(hasattr(fused, f) for f in ('check_cudnn_version', 'check_is_flash_attention')):
+    pytest.skip("jax's cuDNN attention module changed its checks")
+  monkeypatch.setattr(fused, 'check_cudnn_version', lambda: 91000)
+  monkeypatch.setattr(fused, 'check_is_flash_attention', lambda *a, **k: None)
+  B, L, H, c = 2, 30, 2, 64
+  w_CC = jnp.zeros((H * c, H * c), jnp.bfloat16)
+  x_BLC = jnp.zeros((B, L, H * c), jnp.bfloat16)
+  mask = block_causal_mask(PATCH_NUMS)
+
+  def count(remat):
+    _, policy = remat_policy(remat)
+
+    def block(w_CC):
+      q = (x_BLC @ w_CC).reshape(B, L, H, c)
+      out = attention_lib.attention(q, q, q, scale=1.0, mask_qk=mask, implementation='cudnn')
+      return out.reshape(B, L, H * c) @ w_CC
+
+    loss = lambda w: jax.checkpoint(block, policy=policy)(w).astype(jnp.float32).sum()
+    return _count_in_grad_jaxpr(loss, w_CC, 'dot_product_attention_fwd_wrapper')
+
+  assert count('dots_saveable') == 2
+  assert count('dots_attention_saveable') == 1
 
 
 def test_bad_remat_name_raises(tiny):

@@ -25,6 +25,12 @@ KV-cached decoding (one scale's queries against the cached prefix, no mask).
 Padding never changes the result: padded keys are masked out, padded query rows
 (which see every real key, so no softmax row is empty) are dropped.
 
+Under jax.checkpoint the fused kernels' forward outputs (the attention output and
+its softmax statistics, which their backward kernels read) are kept by the
+`attention_saveable` policy (`VAR.remat='dots_attention_saveable'`); jax's
+'dots_saveable' does not count them as dots and reruns the forward kernel in the
+backward pass (on the d16 training step: 16 extra cuDNN forward calls, ~10.6 ms).
+
 Test-only names that `attention` also accepts: 'cudnn:xla' runs the cudnn
 branch (padding, mask, scale) with jax.nn's XLA kernel, and 'splash:interpret'
 runs the splash kernel in the Pallas interpreter; both work on a CPU.
@@ -69,6 +75,20 @@ def resolve(name: str, dtype: Any, platform: Optional[str] = None) -> str:
   if name == 'splash' and platform != 'tpu':
     raise ValueError(f"attention='splash' needs a TPU (this is {platform}); use 'xla'")
   return name
+
+
+# Primitives whose outputs are the fused kernels' forward results: jax's cuDNN wrapper
+# ('dot_product_attention_fwd_wrapper') and Pallas calls (splash's forward; the model
+# runs no other Pallas kernel). Names of jax internals, checked by tests/test_attention.py.
+FUSED_FORWARD_PRIMITIVES = ('dot_product_attention_fwd', 'pallas_call')
+
+
+def attention_saveable(prim, *_, **__) -> bool:
+  """jax.checkpoint policy: keep the outputs of a fused attention forward kernel
+  (output + softmax statistics: B*L*C + B*H*L values per block) instead of rerunning
+  it in the backward pass. Combine with others by
+  jax.checkpoint_policies.save_from_both_policies."""
+  return prim.name.startswith(FUSED_FORWARD_PRIMITIVES)
 
 
 def attention(q_BqHc: jax.Array, k_BkHc: jax.Array, v_BkHc: jax.Array, *, scale: float,

@@ -88,21 +88,34 @@ def drop_path_rates(config: VARConfig) -> Tuple[float, ...]:
   return tuple(float(r) for r in np.linspace(0, config.drop_path_rate, config.depth, dtype=np.float32))
 
 
-REMAT_NAMES = ('none', 'block', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
-               'checkpoint_dots', 'checkpoint_dots_with_no_batch_dims', 'nothing_saveable',
-               'everything_saveable')
+REMAT_NAMES = ('none', 'block', 'dots_saveable', 'dots_attention_saveable', 'attention_saveable',
+               'dots_with_no_batch_dims_saveable', 'checkpoint_dots',
+               'checkpoint_dots_with_no_batch_dims', 'nothing_saveable', 'everything_saveable')
+
+
+_OWN_POLICIES = {    # made once: the policy object is part of the traced program
+    'block': None,
+    'attention_saveable': attention_lib.attention_saveable,
+    'dots_attention_saveable': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_saveable, attention_lib.attention_saveable),
+}
 
 
 def remat_policy(name: Any):
   """(use_remat, policy) for `VAR.remat`: 'none'; 'block' (keep only each block's input,
-  recompute the rest in the backward pass); or a jax.checkpoint_policies name such as
-  'dots_saveable' (keep matmul outputs, recompute the elementwise work). True/False are
-  accepted for 'block'/'none'.
+  recompute the rest in the backward pass); a jax.checkpoint_policies name such as
+  'dots_saveable' (keep matmul outputs, recompute the elementwise work); or
+  'dots_attention_saveable' / 'attention_saveable': dots_saveable / block that also keep
+  the fused attention kernel's output and softmax statistics (attention.attention_saveable),
+  so its forward kernel is not rerun in the backward pass (with the xla attention,
+  dots_saveable already keeps its einsum outputs). True/False are accepted for
+  'block'/'none'.
 
   Compiled temporary memory of a d16 training gradient at batch 64, bfloat16, cuDNN
   attention, one H100 (benchmarks/remat_memory.py): none 70.1 GiB, dots_saveable 18.4
   GiB (as dots_with_no_batch_dims_saveable: the fused attention is no dot), block
-  5.3 GiB. With the xla attention the (B, H, L, L) probabilities dominate instead, and
+  5.3 GiB; keeping the attention adds B*L*C*2 + B*H*L*4 bytes per block (d16 B64:
+  1.4 GiB). With the xla attention the (B, H, L, L) probabilities dominate instead, and
   dots_saveable keeps them (they are dot outputs).
   """
   name = {True: 'block', False: 'none', None: 'none'}.get(name, name)
@@ -110,7 +123,9 @@ def remat_policy(name: Any):
     raise ValueError(f'remat must be one of {REMAT_NAMES}, got {name!r}')
   if name == 'none':
     return False, None
-  return True, (None if name == 'block' else getattr(jax.checkpoint_policies, name))
+  if name in _OWN_POLICIES:
+    return True, _OWN_POLICIES[name]
+  return True, getattr(jax.checkpoint_policies, name)
 
 
 def stack_blocks(params, depth: int):
@@ -132,7 +147,7 @@ class VAR(nn.Module):
   init_adaln_gamma: float = 1e-5
   init_head: float = 0.02
   scan_blocks: bool = True            # lax.scan over stacked blocks (False: unrolled loop)
-  remat: Any = 'none'                 # none | block | a jax.checkpoint_policies name (see remat_policy)
+  remat: Any = 'none'                 # none | block | a checkpoint policy name (see remat_policy)
 
   @property
   def _precision(self):
