@@ -2,6 +2,8 @@
 
   python benchmarks/remat_memory.py --depth 16 --batch 8 16 --remat none block dots_saveable
   python benchmarks/remat_memory.py --attention cudnn      # on a GPU: the fused kernel
+  python benchmarks/remat_memory.py --residuals --attention cudnn --fake-cudnn --batch 64 \
+      --remat dots_saveable dots_attention_saveable       # what the forward keeps, any host
 
 Lowers and compiles value_and_grad of the training loss (label-smoothed CE over
 float32 logits, logits kept for the token statistics like var_jax.train.var_step)
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -72,6 +75,40 @@ def measure(depth: int, batch: int, remat: str, attention: str, scan: bool, dtyp
   }
 
 
+def saved_residuals(depth: int, batch: int, remat: str, attention: str, scan: bool, dtype: str,
+                    vocab: int = 4096, cvae: int = 32) -> dict:
+  """Bytes of the residuals the forward pass keeps for the backward pass (jax's
+  saved_residuals on the traced training forward; nothing is compiled or allocated)."""
+  from flax import linen as nn
+  from jax._src.ad_checkpoint import saved_residuals as jax_saved_residuals
+  from var_jax.config import VARConfig
+  from var_jax.transformer.model import VAR, dummy_inputs
+  cfg = VARConfig.for_depth(depth)
+  params = jax.eval_shape(lambda: nn.meta.unbox(VAR(cfg, vocab, cvae).init(
+      {'params': jax.random.key(0)}, *dummy_inputs(cfg, cvae))['params']))
+  model = VAR(cfg, vocab, cvae, dtype=jnp.dtype(dtype), attention=attention, remat=remat,
+              scan_blocks=scan)
+  labels = jnp.zeros((batch,), jnp.int32)
+  x = jnp.zeros((batch, cfg.L - cfg.first_l, cvae), jnp.float32)
+  forward = lambda p: model.apply({'params': p}, labels, x, train=True,
+                                  rngs={'dropout': jax.random.key(1)})
+  res = jax_saved_residuals(forward, params)
+  nbytes = sum(math.prod(a.shape) * a.dtype.itemsize for a, _ in res)
+  return {'depth': depth, 'batch': batch, 'remat': remat, 'attention': attention,
+          'residuals': len(res), 'saved_GiB': round(nbytes / GiB, 3)}
+
+
+def fake_cudnn_for_tracing():
+  """Lets a CPU trace (never run) the cuDNN attention: jax's checks for the library and
+  the GPU answer as on an H100 with cuDNN 9.10 (the trick tests/test_attention.py uses)."""
+  import jax._src.cudnn.fused_attention_stablehlo as fused
+  from var_jax.transformer import attention as attention_lib
+  fused.check_cudnn_version = lambda: 91000
+  fused.check_is_flash_attention = lambda *a, **k: None
+  resolve = attention_lib.resolve
+  attention_lib.resolve = lambda name, dtype, platform=None: resolve(name, dtype, platform='gpu')
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--depth', type=int, default=16)
@@ -83,7 +120,19 @@ def main(argv=None) -> int:
   ap.add_argument('--unrolled', action='store_true', help='unrolled blocks (default: scanned)')
   ap.add_argument('--dtype', default='bfloat16')
   ap.add_argument('--json', default='', help='append each result as one JSON line to this file')
+  ap.add_argument('--residuals', action='store_true',
+                  help='print the bytes the forward keeps for the backward pass (trace only)')
+  ap.add_argument('--fake-cudnn', action='store_true',
+                  help='with --residuals on a CPU: trace the cuDNN attention as on a GPU')
   args = ap.parse_args(argv)
+  if args.residuals:
+    if args.fake_cudnn:
+      fake_cudnn_for_tracing()
+    for batch in args.batch:
+      for remat in args.remat:
+        r = saved_residuals(args.depth, batch, remat, args.attention, not args.unrolled, args.dtype)
+        print(json.dumps(r), flush=True)
+    return 0
   print(f"{'batch':>5} {'remat':<34} {'temp GiB':>9} {'args GiB':>9} {'logits GiB':>10} {'compile s':>9}")
   for batch in args.batch:
     for remat in args.remat:
