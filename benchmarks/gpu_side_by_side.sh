@@ -31,7 +31,7 @@ ref_bench=${REF_BENCH:-../shared/bench}
 # pre-tokenised data and with the tokenizer in the step.
 variants='remat=dots_saveable,data=tokens;remat=dots_attention_saveable,data=tokens;'
 variants+='remat=dots_saveable,data=images;remat=dots_attention_saveable,data=images;'
-variants+='remat=block,data=tokens'
+variants+='remat=dots_inputs_attention_saveable,data=tokens;remat=block,data=tokens'
 python3 benchmarks/train_bench.py --config configs/var_d16.py --batch 64 --steps 5 --sweep \
     --variants "$variants" --json "$out/train.jsonl" 2>&1 | tee "$out/train.txt"
 if [ "${PROFILE:-0}" = 1 ]; then

@@ -115,6 +115,7 @@ def main(argv=None) -> int:
   ap.add_argument('--batch', type=int, nargs='+', default=[8, 16])
   ap.add_argument('--remat', nargs='+', default=['none', 'block', 'dots_saveable',
                                                  'dots_attention_saveable',
+                                                 'dots_inputs_attention_saveable',
                                                  'dots_with_no_batch_dims_saveable'])
   ap.add_argument('--attention', default='xla', help='auto | xla | cudnn | splash')
   ap.add_argument('--unrolled', action='store_true', help='unrolled blocks (default: scanned)')

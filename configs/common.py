@@ -87,7 +87,8 @@ def var_config(depth=16, patch_nums=PN_256, **over):
       # d16 B64 step ran at 228 images/s in 22 GiB, 309 from tokens (benchmarks/RESULTS.md).
       # dots_attention_saveable (the default) is the same program minus those 16 calls
       # (tests/test_attention.py); its GPU step time is not yet measured. With the xla
-      # attention (float32, CPU) it equals dots_saveable.
+      # attention (float32, CPU) it equals dots_saveable. 'dots_inputs_attention_saveable'
+      # also keeps the bf16 matmul inputs (+8 GiB at d16 B64; not yet timed).
       remat='dots_attention_saveable',
   ))
   c.init = ml_collections.ConfigDict(dict(   # init_weights multipliers

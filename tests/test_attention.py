@@ -227,7 +227,8 @@ def test_remat_options_give_the_same_gradients(tiny, scan):
     model = VAR(TINY, 16, 4, scan_blocks=scan, remat=remat)
     return jax.grad(lambda p: jnp.mean(jnp.square(model.apply({'params': p}, labels, x))))
 
-  options = ('none', 'block', 'dots_saveable', 'dots_attention_saveable')
+  options = ('none', 'block', 'dots_saveable', 'dots_attention_saveable',
+             'dots_inputs_attention_saveable')
   for remat in options:
     assert ('remat' in str(jax.make_jaxpr(grad_fn(remat))(params))) == (remat != 'none'), remat
   base, *others = jax.jit(lambda p: [grad_fn(r)(p) for r in options])(params)
@@ -270,6 +271,7 @@ def test_dots_attention_saveable_keeps_the_splash_forward(monkeypatch, tiny, sca
   assert count('block') == 4 * blocks
   assert count('dots_attention_saveable') == 3 * blocks
   assert count('attention_saveable') == 3 * blocks
+  assert count('dots_inputs_attention_saveable') == 3 * blocks
 
 
 def test_dots_attention_saveable_keeps_the_cudnn_forward(monkeypatch):

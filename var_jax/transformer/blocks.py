@@ -10,7 +10,9 @@ Initialisers reproduce the reference `VAR.init_weights`: truncated normal with
 torch's absolute bounds [-2, 2], zero biases, multipliers passed in by the parent.
 Numerics: statistics, softmax and the L2 norm run in float32 whatever the compute
 dtype; the residual stream is kept in the compute dtype like the reference under
-autocast.
+autocast. The inputs of the qkv, fc1 and fc2 matmuls carry checkpoint names
+(MATMUL_INPUT_NAMES: identities outside jax.checkpoint) for the remat policy that keeps
+them (model.remat_policy).
 """
 from __future__ import annotations
 
@@ -20,12 +22,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from var_jax.transformer import attention as attention_lib
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 KV = Tuple[jax.Array, jax.Array]
+
+
+MATMUL_INPUT_NAMES = ('attn_in', 'ffn_in', 'ffn_act')   # see AdaLNSelfAttn, FFN
 
 
 # --- initialisers ---------------------------------------------------------------
@@ -214,7 +220,7 @@ class FFN(nn.Module):
     C = x_BLC.shape[-1]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
     h = dense(self.hidden, ('embed', 'mlp'), 'fc1', kernel_init=trunc_normal(self.init_std), **kw)(x_BLC)
-    h = jax.nn.gelu(h, approximate=True)
+    h = checkpoint_name(jax.nn.gelu(h, approximate=True), 'ffn_act')   # fc2's input
     out = dense(C, ('mlp', 'embed'), 'fc2', kernel_init=trunc_normal(self.fc2_std), **kw)(h)
     if self.drop > 0:
       out = nn.Dropout(self.drop)(out, deterministic=deterministic)
@@ -284,11 +290,11 @@ class AdaLNSelfAttn(nn.Module):
     `drop_path` field (the scanned blocks pass their rate as data)."""
     rate = self.drop_path if drop_path_rate is None else drop_path_rate
     g1, g2, s1, s2, b1, b2 = [ada_B16C[:, :, i] for i in range(6)]     # each B1C
-    h = layer_norm(x_BLC, self.norm_eps) * (1 + s1) + b1
+    h = checkpoint_name(layer_norm(x_BLC, self.norm_eps) * (1 + s1) + b1, 'attn_in')
     h, kv = self.attn(h, mask_LL=mask_LL, kv=kv, begin=begin, layer=layer,
                       deterministic=deterministic)
     x_BLC = x_BLC + drop_path(self, h * g1, rate, deterministic)
-    h = layer_norm(x_BLC, self.norm_eps) * (1 + s2) + b2
+    h = checkpoint_name(layer_norm(x_BLC, self.norm_eps) * (1 + s2) + b2, 'ffn_in')
     h = self.ffn(h, deterministic=deterministic)
     x_BLC = x_BLC + drop_path(self, h * g2, rate, deterministic)
     # Keep activations split over the batch under FSDP (a no-op without logical rules):

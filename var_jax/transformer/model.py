@@ -43,8 +43,8 @@ from flax import linen as nn
 
 from var_jax.config import VARConfig
 from var_jax.transformer import attention as attention_lib
-from var_jax.transformer.blocks import (AdaLNBeforeHead, AdaLNSelfAttn, dense, param_with_axes,
-                                   trunc_normal)
+from var_jax.transformer.blocks import (MATMUL_INPUT_NAMES, AdaLNBeforeHead, AdaLNSelfAttn, dense,
+                                        param_with_axes, trunc_normal)
 
 Dtype = Any
 
@@ -88,7 +88,8 @@ def drop_path_rates(config: VARConfig) -> Tuple[float, ...]:
   return tuple(float(r) for r in np.linspace(0, config.drop_path_rate, config.depth, dtype=np.float32))
 
 
-REMAT_NAMES = ('none', 'block', 'dots_saveable', 'dots_attention_saveable', 'attention_saveable',
+REMAT_NAMES = ('none', 'block', 'dots_saveable', 'dots_attention_saveable',
+               'dots_inputs_attention_saveable', 'attention_saveable',
                'dots_with_no_batch_dims_saveable', 'checkpoint_dots',
                'checkpoint_dots_with_no_batch_dims', 'nothing_saveable', 'everything_saveable')
 
@@ -98,6 +99,10 @@ _OWN_POLICIES = {    # made once: the policy object is part of the traced progra
     'attention_saveable': attention_lib.attention_saveable,
     'dots_attention_saveable': jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_saveable, attention_lib.attention_saveable),
+    'dots_inputs_attention_saveable': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_from_both_policies(
+            jax.checkpoint_policies.dots_saveable, attention_lib.attention_saveable),
+        jax.checkpoint_policies.save_only_these_names(*MATMUL_INPUT_NAMES)),
 }
 
 
@@ -108,14 +113,17 @@ def remat_policy(name: Any):
   'dots_attention_saveable' / 'attention_saveable': dots_saveable / block that also keep
   the fused attention kernel's output and softmax statistics (attention.attention_saveable),
   so its forward kernel is not rerun in the backward pass (with the xla attention,
-  dots_saveable already keeps its einsum outputs). True/False are accepted for
-  'block'/'none'.
+  dots_saveable already keeps its einsum outputs); 'dots_inputs_attention_saveable' also
+  keeps the bf16 inputs of the qkv, fc1 and fc2 matmuls (the modulated LayerNorms and
+  the GELU output), so only LayerNorm statistics and the q/k L2-norm are recomputed.
+  True/False are accepted for 'block'/'none'.
 
   Compiled temporary memory of a d16 training gradient at batch 64, bfloat16, cuDNN
   attention, one H100 (benchmarks/remat_memory.py): none 70.1 GiB, dots_saveable 18.4
   GiB (as dots_with_no_batch_dims_saveable: the fused attention is no dot), block
   5.3 GiB; keeping the attention adds B*L*C*2 + B*H*L*4 bytes per block (d16 B64:
-  1.4 GiB). With the xla attention the (B, H, L, L) probabilities dominate instead, and
+  1.4 GiB), the matmul inputs B*L*6C*2 bytes more (d16 B64: 8.3 GiB). What the
+  forward keeps: benchmarks/remat_memory.py --residuals. With the xla attention the (B, H, L, L) probabilities dominate instead, and
   dots_saveable keeps them (they are dot outputs).
   """
   name = {True: 'block', False: 'none', None: 'none'}.get(name, name)
