@@ -3,13 +3,18 @@
 # benchmarks and, when VAR_DIR names a checkout of the reference (FoundationVision/VAR),
 # the reference's on the same machine right after, the same settings.
 #
-#   [VAR_DIR=path/to/VAR] [REF_BENCH=../shared/bench] bash benchmarks/gpu_side_by_side.sh OUT_DIR
+#   [VAR_DIR=path/to/VAR] [REF_BENCH=../shared/bench] [PARTS='train sample ref'] \
+#       bash benchmarks/gpu_side_by_side.sh OUT_DIR
+#
+# PARTS picks the jobs (default all three); a device call limited to 10 minutes runs them
+# as separate calls, e.g. PARTS=train then PARTS='sample ref', each with its own OUT_DIR.
 #
 # OUT_DIR must not exist yet (nothing is overwritten). It receives one log per job
 # (train.txt, sample.txt, ref_train.txt, ref_sample.txt), the training rows as JSON lines
-# (train.jsonl) and environment.txt (GPU, versions, commit). About 12 minutes on one H100
-# (compiles included: training ~20-40 s per row, sampling ~40-50 s per row); with
-# PROFILE=1 also a jax.profiler trace of the default training row under OUT_DIR/trace_train
+# (train.jsonl) and environment.txt (GPU, versions, commit). About 15 minutes on one H100
+# (compiles included: training ~20-40 s per row, more unrolled, sampling ~40-50 s per row); with
+# PROFILE=1 also jax.profiler traces of the default training row under OUT_DIR/trace_train
+# and of the same with unrolled blocks under OUT_DIR/trace_train_unrolled
 # (read it with ../shared/bench/kernel_breakdown.py OUT_DIR/trace_train --calls 3).
 set -euo pipefail
 out=${1:?usage: bash benchmarks/gpu_side_by_side.sh OUT_DIR}
@@ -20,30 +25,43 @@ fi
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 ref_bench=${REF_BENCH:-../shared/bench}
+parts=" ${PARTS:-train sample ref} "
 
 {
   date -u; git rev-parse HEAD 2>/dev/null || true
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
-  python3 -c 'import jax, jaxlib; print("jax", jax.__version__, "jaxlib", jaxlib.__version__, jax.devices())'
+  python3 -c 'import jax, jaxlib; print("jax", jax.__version__, "jaxlib", jaxlib.__version__, jax.devices())' || true
 } > "$out/environment.txt" 2>&1
 
 # Training, d16 batch 64: the release configs' default remat against dots_saveable, from
-# pre-tokenised data and with the tokenizer in the step.
-variants='remat=dots_saveable,data=tokens;remat=dots_attention_saveable,data=tokens;'
-variants+='remat=dots_saveable,data=images;remat=dots_attention_saveable,data=images;'
-variants+='remat=dots_inputs_attention_saveable,data=tokens;remat=block,data=tokens'
-python3 benchmarks/train_bench.py --config configs/var_d16.py --batch 64 --steps 5 --sweep \
-    --variants "$variants" --json "$out/train.jsonl" 2>&1 | tee "$out/train.txt"
-if [ "${PROFILE:-0}" = 1 ]; then
-  python3 benchmarks/train_bench.py --config configs/var_d16.py --batch 64 --steps 5 \
-      --remat dots_attention_saveable --data tokens --profile "$out/trace_train" \
-      2>&1 | tee "$out/train_profile.txt"
+# pre-tokenised data and with the tokenizer in the step; then unrolled blocks
+# (model.scan_blocks=false: no stacked activation/gradient buffers).
+if [[ $parts == *' train '* ]]; then
+  variants='remat=dots_saveable,data=tokens;remat=dots_attention_saveable,data=tokens;'
+  variants+='remat=dots_saveable,data=images;remat=dots_attention_saveable,data=images;'
+  variants+='remat=dots_attention_saveable,data=tokens,scan=false;'
+  variants+='remat=dots_attention_saveable,data=images,scan=false;'
+  variants+='remat=dots_inputs_attention_saveable,data=tokens;remat=block,data=tokens'
+  python3 benchmarks/train_bench.py --config configs/var_d16.py --batch 64 --steps 5 --sweep \
+      --variants "$variants" --json "$out/train.jsonl" 2>&1 | tee "$out/train.txt"
+  if [ "${PROFILE:-0}" = 1 ]; then
+    python3 benchmarks/train_bench.py --config configs/var_d16.py --batch 64 --steps 5 \
+        --remat dots_attention_saveable --data tokens --profile "$out/trace_train" \
+        2>&1 | tee "$out/train_profile.txt"
+    python3 benchmarks/train_bench.py --config configs/var_d16.py --batch 64 --steps 5 \
+        --remat dots_attention_saveable --data tokens --scan false \
+        --profile "$out/trace_train_unrolled" 2>&1 | tee "$out/train_profile_unrolled.txt"
+  fi
 fi
 
 # Sampling: d16 b64, d16 b1, d30 b64, d36 at 512 px b16 (bfloat16, cfg 1.5, top_k 900, top_p 0.96).
-python3 benchmarks/sample_bench.py --sweep --dtype bfloat16 2>&1 | tee "$out/sample.txt"
+if [[ $parts == *' sample '* ]]; then
+  python3 benchmarks/sample_bench.py --sweep --dtype bfloat16 2>&1 | tee "$out/sample.txt"
+fi
 
-if [ -n "${VAR_DIR:-}" ]; then
+if [[ $parts != *' ref '* ]]; then
+  :
+elif [ -n "${VAR_DIR:-}" ]; then
   VAR_DIR=$VAR_DIR python3 "$ref_bench/ref_train_bench.py" --depth 16 --batch 64 --steps 10 \
       2>&1 | tee "$out/ref_train.txt"
   for args in '--depth 16 --batch 64' '--depth 16 --batch 1' '--depth 30 --batch 64'; do

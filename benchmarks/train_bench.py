@@ -19,7 +19,8 @@ on CPU with fake devices):
 Options of a variant: attention (auto|xla|cudnn|splash), remat (none|block|dots_saveable|dots_attention_saveable|...),
 vae (the frozen tokenizer: highest = float32 HIGHEST, default = float32 at default precision
 (TF32 on GPUs), bf16 = bfloat16 compute) and data (images: the tokenizer runs in the step;
-tokens: pre-tokenised ids, no encoder). The step is the trainer's own jitted, donated step
+tokens: pre-tokenised ids, no encoder) and scan (model.scan_blocks: true = the blocks as one
+lax.scan, false = unrolled). The step is the trainer's own jitted, donated step
 (var_jax.train.var_task) on one device-resident batch; data loading is excluded.
 Reported per variant: step time, images/s, tokens/s, MFU (analytic VAR training FLOPs,
 writer.var_flops_per_image, the tokenizer not counted, over devices x the device's dense
@@ -32,6 +33,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
+import re
 import sys
 import time
 import traceback
@@ -78,6 +81,8 @@ def parse_variant(text: str, base: Dict[str, str]) -> Dict[str, str]:
     v[k.strip()] = val.strip()
   if v['vae'] not in VAE:
     raise ValueError(f'vae must be one of {sorted(VAE)}, got {v["vae"]!r}')
+  if v['scan'] not in ('true', 'false'):
+    raise ValueError(f"scan must be 'true' or 'false', got {v['scan']!r}")
   if v['data'] not in ('images', 'tokens'):
     raise ValueError(f"data must be 'images' or 'tokens', got {v['data']!r}")
   return v
@@ -92,6 +97,7 @@ def build_task(config_path: str, overrides: List[str], variant: Dict[str, str], 
   cfg = load_config(config_path, list(overrides) + [
       '--config.vae.checkpoint=', f'--config.vae.dtype={dtype}', f'--config.vae.precision={precision}',
       f'--config.model.attention={variant["attention"]}', f'--config.model.remat={variant["remat"]}',
+      f'--config.model.scan_blocks={variant["scan"] == "true"}',
       f'--config.data.kind={"tokens" if variant["data"] == "tokens" else "synthetic"}',
       f'--config.batch_size={batch}', '--config.total_steps=100000'])
   mesh, rules = loop.mesh_and_rules(cfg)
@@ -123,6 +129,47 @@ def memory_of(compiled) -> Dict[str, float]:
           'mem_total_GiB': (arg + out - alias + temp) / GiB}
 
 
+_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2, 'f32': 4, 's32': 4,
+          'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
+
+
+def dus_write_bytes(hlo_text: str) -> int:
+  """Bytes written by dynamic-update-slice in one run of a compiled module (update sizes,
+  times the known trip counts of the enclosing while loops). In a training step with
+  scanned blocks this is the traffic of the stacked (depth, ...) buffers: each saved
+  activation written into its slot in the forward loop, each weight gradient in the
+  backward loop; with unrolled blocks it is 0."""
+  shapes, calls, dus, comp = {}, {}, {}, None
+  for line in hlo_text.splitlines():
+    head = re.match(r'(?:ENTRY )?%(\S+) \(.*\{$', line)
+    if head:
+      comp = head.group(1)
+      calls[comp], dus[comp] = [], []
+      if line.startswith('ENTRY'):
+        entry = comp
+      continue
+    m = re.match(r'\s*(?:ROOT )?%(\S+) = ([a-z0-9]+)\[([0-9,]*)\]', line)
+    if m and m.group(2) in _BYTES:
+      shapes[m.group(1)] = _BYTES[m.group(2)] * math.prod(int(d) for d in m.group(3).split(',') if d)
+    if comp is None:
+      continue
+    u = re.search(r' dynamic-update-slice\(%[^,\s]+, %([^,\s)]+)', line)
+    if u:
+      dus[comp].append(u.group(1))
+    trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+    for callee in re.findall(r'(?:calls|body)=%([^,\s]+)', line):
+      calls[comp].append((callee, int(trip.group(1)) if trip and ' while(' in line else 1))
+
+  memo = {}
+
+  def total(c):
+    if c not in memo:
+      memo[c] = sum(shapes.get(n, 0) for n in dus.get(c, ())) + sum(
+          k * total(callee) for callee, k in calls.get(c, ()))
+    return memo[c]
+  return total(entry)
+
+
 def compile_step(task, batch_global):
   """The task's jitted train step compiled for abstract state (no allocation)."""
   from var_jax.train import state as state_lib
@@ -144,6 +191,7 @@ def measure(config_path, overrides, variant, batch, steps, compile_only=False,
   batch_global = loop.global_batch(local, task.batch_shardings)
   compiled = compile_step(task, batch_global)
   row.update(memory_of(compiled))
+  row['dus_write_GiB'] = dus_write_bytes(compiled.as_text()) / GiB
   row['compile_s'] = time.perf_counter() - t0
   if compile_only:
     return row
@@ -179,9 +227,9 @@ def measure(config_path, overrides, variant, batch, steps, compile_only=False,
   return row
 
 
-COLUMNS = (('attention', '{}'), ('remat', '{}'), ('vae', '{}'), ('data', '{}'), ('step_ms', '{:.1f}'),
+COLUMNS = (('attention', '{}'), ('remat', '{}'), ('scan', '{}'), ('vae', '{}'), ('data', '{}'), ('step_ms', '{:.1f}'),
            ('images_per_s', '{:.1f}'), ('tokens_per_s', '{:.0f}'), ('mfu', '{:.1%}'),
-           ('mem_total_GiB', '{:.2f}'), ('peak_GiB', '{:.2f}'), ('compile_s', '{:.0f}'),
+           ('mem_total_GiB', '{:.2f}'), ('dus_write_GiB', '{:.2f}'), ('peak_GiB', '{:.2f}'), ('compile_s', '{:.0f}'),
            ('loss', '{:.4f}'), ('error', '{}'))
 
 
@@ -204,6 +252,8 @@ def main(argv=None) -> int:
   ap.add_argument('--remat', default='none')
   ap.add_argument('--vae', default='default', choices=sorted(VAE))
   ap.add_argument('--data', default='images', choices=('images', 'tokens'))
+  ap.add_argument('--scan', default='true', choices=('true', 'false'),
+                  help='model.scan_blocks: blocks as one lax.scan (true) or unrolled (false)')
   ap.add_argument('--sweep', action='store_true', help='run --variants (default: a standard set)')
   ap.add_argument('--variants', default=SWEEP,
                   help="';'-separated variants, each 'key=value,...' over the flags above")
@@ -219,7 +269,8 @@ def main(argv=None) -> int:
   if args.batch <= 0:
     from var_jax.config_loader import load_config
     args.batch = int(load_config(args.config, overrides).batch_size)
-  base = {'attention': args.attention, 'remat': args.remat, 'vae': args.vae, 'data': args.data}
+  base = {'attention': args.attention, 'remat': args.remat, 'vae': args.vae, 'data': args.data,
+          'scan': args.scan}
   variants = ([parse_variant(v, base) for v in args.variants.split(';') if v.strip()]
               if args.sweep else [base])
   dev = jax.devices()[0]

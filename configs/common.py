@@ -8,7 +8,7 @@ warmup_start, 'lin0' decay to final_lr, grad clip 2, class dropout 0.1, drop pat
 heads = depth (the release convention). Each readable name keeps the reference's in a
 comment; the reference's names are still accepted (var_jax.config_loader.RENAMED).
 
-Sections: model = VARConfig's fields (+ attention, remat), vae = VQVAEConfig's fields
+Sections: model = VARConfig's fields (+ attention, remat, scan_blocks), vae = VQVAEConfig's fields
 (+ checkpoint, dtype, precision), init, optim, progressive, data, mesh, run.
 The tokenizer-training configs reuse `mesh_section`, `data_section`, `run_section`.
 """
@@ -66,7 +66,7 @@ def var_config(depth=16, patch_nums=PN_256, **over):
   c = ml_collections.ConfigDict()
   c.task = 'var'                 # the trainer: 'var' (this) or 'vqvae' (configs/vqvae_common.py)
   c.seed = 0
-  c.model = ml_collections.ConfigDict(dict(   # VARConfig's fields, plus attention and remat
+  c.model = ml_collections.ConfigDict(dict(   # VARConfig's fields, plus attention, remat, scan_blocks
       depth=depth, embed_dim=64 * depth, num_heads=depth, mlp_ratio=4.0,
       drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.1 * depth / 24,
       norm_eps=1e-6, shared_aln=False, attn_l2_norm=True, cond_drop_rate=0.1,
@@ -90,6 +90,13 @@ def var_config(depth=16, patch_nums=PN_256, **over):
       # attention (float32, CPU) it equals dots_saveable. 'dots_inputs_attention_saveable'
       # also keeps the bf16 matmul inputs (+8 GiB at d16 B64; not yet timed).
       remat='dots_attention_saveable',
+      # The depth loop of the training step: True = one lax.scan over the blocks' stacked
+      # parameters (compiles the block once); False = unrolled (compiles `depth` blocks,
+      # slower to compile, but the step no longer stacks the parameters, writes each
+      # block's saved activations into (depth, ...) buffers or slices the gradients back
+      # out of them; same numbers, dropout included). Sampling chooses its own
+      # (`var-jax sample --unrolled`). Not yet timed on a GPU (benchmarks/RESULTS.md).
+      scan_blocks=True,
   ))
   c.init = ml_collections.ConfigDict(dict(   # init_weights multipliers
       adaln=0.5,                 # aln: AdaLN linear weights x adaln

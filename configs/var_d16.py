@@ -12,7 +12,8 @@ Command (8 hosts x 8 accelerators or any mesh; batch is global):
 Speed options (see configs/common.py for what each costs and buys): model.attention='auto'
 (cuDNN flash attention on GPUs, splash on TPUs), vae.precision='default' (TF32 tokenizer
 convs, like the reference trainer), model.remat='dots_attention_saveable' (keep matmul
-outputs and the attention's, recompute the rest); `benchmarks/train_bench.py --sweep`
+outputs and the attention's, recompute the rest), model.scan_blocks=True (False: unrolled
+blocks, no stacked activation buffers; not yet timed); `benchmarks/train_bench.py --sweep`
 measures them. Measured on one H100 (2026-11-23, batch 64 per GPU, random weights) with
 remat='dots_saveable' (which also reruns the attention forward in the backward pass;
 the new default is not yet measured on a GPU): images tokenised in the step 280 ms/step

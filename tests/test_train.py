@@ -1,4 +1,5 @@
 """VAR training tests on CPU with 8 fake devices (tests/conftest.py) and the tiny config."""
+import importlib.util
 import json
 import math
 import os
@@ -151,6 +152,52 @@ def test_grad_accumulation_matches_full_batch(t8):
   s2, m2 = _one_step(t2, local)
   assert abs(float(m1['loss']) - float(m2['loss'])) < 1e-5
   assert tree_max_diff(s1.params, s2.params) < 1e-5
+
+
+@pytest.mark.slow
+def test_unrolled_blocks_step_equals_scanned():
+  """model.scan_blocks=false (the training step without stacked parameters/activations)
+  takes the same step as the scanned default, drop path and class dropout on."""
+  extra = ('--config.model.drop_path_rate=0.2', '--config.model.cond_drop_rate=0.5',
+           '--config.model.remat=dots_saveable', '--config.mesh.data=1')
+  ts = loop.make_task(tiny_config(*SHARED, *extra), devices=jax.devices()[:1])
+  tu = loop.make_task(tiny_config(*SHARED, *extra, '--config.model.scan_blocks=false'),
+                      devices=jax.devices()[:1])
+  assert 'blocks scanned' in ts.describe() and 'blocks unrolled' in tu.describe()
+  local = first_batch(ts)
+  ss, ms = _one_step(ts, local)
+  su, mu = _one_step(tu, local)
+  assert abs(float(ms['loss']) - float(mu['loss'])) < 1e-6
+  assert tree_max_diff(ss.params, su.params) < 1e-6
+
+  def stacked_writes(task, state):   # saved activations / weight gradients put into (depth, ...) buffers
+    batch = loop.global_batch(local, task.batch_shardings)
+    hlo = task._train_step.lower(state, task.vae_params, batch, jnp.asarray(task.loss_weights(0)))
+    return hlo.compile().as_text().count(' dynamic-update-slice(')
+  assert stacked_writes(ts, ss) > 0 and stacked_writes(tu, su) == 0
+
+
+def test_dus_write_counter_multiplies_by_trip_count():
+  """train_bench's dus_write_GiB: a 5-step scan stacking a (4, 8) float32 carry writes
+  5 x 128 bytes through dynamic-update-slice; the same loop unrolled writes none."""
+  spec = importlib.util.spec_from_file_location('train_bench', ROOT / 'benchmarks' / 'train_bench.py')
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  w = jnp.eye(8) * 0.5
+  step = lambda c: jnp.tanh(c @ w)
+
+  def scanned(c):
+    return jax.lax.scan(lambda c, _: (step(c), step(c)), c, None, length=5)[1]
+
+  def unrolled(c):
+    out = []
+    for _ in range(5):
+      c = step(c)
+      out.append(c)
+    return jnp.stack(out)
+  hlo = lambda f: jax.jit(f).lower(jnp.ones((4, 8))).compile().as_text()
+  assert bench.dus_write_bytes(hlo(scanned)) == 5 * 4 * 8 * 4
+  assert bench.dus_write_bytes(hlo(unrolled)) == 0
 
 
 def test_progressive_loss_weights():

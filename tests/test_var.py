@@ -281,3 +281,30 @@ def test_scanned_dropout_differs_per_block():
     assert 0.3 < m.mean() < 0.7             # really dropping about half
   assert not np.array_equal(masks[0], masks[1])     # block 0 vs block 1
   assert not np.array_equal(masks[0], masks[2])     # seed 0 vs seed 1
+
+
+def test_training_blocks_scanned_and_unrolled_give_the_same_step():
+  """train=True with every random part on (class dropout, drop path, attention and FFN
+  dropout): the unrolled blocks draw the scanned loop's masks, so loss and gradients
+  agree, with and without remat (model.scan_blocks only changes how XLA sees the loop)."""
+  cfg = VARConfig(num_classes=5, depth=3, embed_dim=32, num_heads=4, patch_nums=(1, 2, 3),
+                  drop_rate=0.3, attn_drop_rate=0.2, drop_path_rate=0.5, cond_drop_rate=0.5)
+  params = jax.jit(lambda k: init_params(k, cfg, vocab_size=16, Cvae=4, init_adaln_gamma=0.5,
+                                         init_head=1.0))(jax.random.key(5))
+  labels = jnp.array([0, 1, 2, 3, 4, 1])
+  x = jax.random.normal(jax.random.key(6), (6, cfg.L - 1, 4))
+
+  def loss_and_grads(scan, remat, key):
+    m = VAR(cfg, 16, 4, scan_blocks=scan, remat=remat)
+    f = lambda p: jnp.mean(m.apply({'params': p}, labels, x, train=True, rngs={'dropout': key}) ** 2)
+    return jax.value_and_grad(f)(params)
+
+  @jax.jit
+  def run(key):
+    return [loss_and_grads(s, r, key) for s in (True, False) for r in ('none', 'dots_saveable')]
+
+  outs = run(jax.random.key(0))
+  for other in outs[1:]:
+    chex.assert_trees_all_close(other, outs[0], atol=1e-6, rtol=1e-6)
+  other_key = run(jax.random.key(1))[1]
+  assert abs(float(other_key[0]) - float(outs[0][0])) > 1e-4     # the masks do depend on the key

@@ -24,7 +24,7 @@ from var_jax.config import ModelConfig, VARConfig
 from var_jax.train import frozen_tokenizer, optim, state as state_lib, var_step, writer as writer_lib
 
 # Keys of the model section that configure the run, not the network.
-MODEL_RUN_KEYS = ('attention', 'remat')
+MODEL_RUN_KEYS = ('attention', 'remat', 'scan_blocks')
 
 
 class VARTask:
@@ -59,7 +59,8 @@ class VARTask:
     self.vae_model = frozen_tokenizer.make_model(self.vae_cfg, cfg.vae)
     ini = cfg.init
     self.var_model = VAR(self.var_cfg, V, Cvae, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
-                         attention=self.attention, remat=cfg.model.remat, init_std=ini.std,
+                         attention=self.attention, remat=cfg.model.remat,
+                         scan_blocks=bool(cfg.model.get('scan_blocks', True)), init_std=ini.std,
                          init_adaln=ini.adaln, init_adaln_gamma=ini.adaln_gamma, init_head=ini.head)
     self._vae_export = vae_params    # the whole tokenizer, for the export
     on_device = {'quantize': vae_params['quantize']} if self.from_tokens else vae_params
@@ -108,6 +109,7 @@ class VARTask:
             f'{cfg.vae.precision}')
     return (f'VAR d{self.var_cfg.depth}: {self.num_params / 1e6:.2f}M params, attention '
             f'{self.attention} (model.attention={cfg.model.attention}), remat {cfg.model.remat}, '
+            f'blocks {"scanned" if self.var_model.scan_blocks else "unrolled"}, '
             f'{cfg.dtype} compute, {data}, grad accum {cfg.optim.grad_accum}, '
             f'peak lr {self.optim_spec.peak_lr:.3g}')
 

@@ -206,6 +206,34 @@ class VAR(nn.Module):
     # init must run the unrolled blocks to create blocks_0.. params
     return self.scan_blocks and not self.is_initializing()
 
+  def _block_step(self, *, mask_LL=None, begin=0, train=False, remat='none', prevent_cse=False):
+    """step(x, kv, (params, ada, index, drop-path rate, dropout key)) -> (x, kv): one block
+    applied with explicit parameters (a detached AdaLNSelfAttn), under jax.checkpoint when
+    `remat` asks for it. The scanned and the unrolled block loops share it, so both give
+    the same numbers, dropout and drop-path masks included."""
+    block = AdaLNSelfAttn(**self._block_fields(), drop_path=0.0, parent=None)
+
+    def step(x, kv, xs):
+      p, ada_i, i, rate, key = xs
+      return block.apply({'params': p}, x, ada_i, mask_LL=mask_LL, kv=kv, begin=begin,
+                         layer=None if kv is None else i, deterministic=not train,
+                         drop_path_rate=rate, rngs=None if key is None else {'dropout': key})
+
+    use_remat, policy = remat_policy(remat)
+    if use_remat:
+      step = jax.checkpoint(step, prevent_cse=prevent_cse, policy=policy)
+    return step
+
+  def _per_block_data(self, train: bool):
+    """(drop-path rates (depth,) f32 or None, dropout keys (depth,) or None)."""
+    if not train:
+      return None, None
+    keys = jax.random.split(self.make_rng('dropout'), self.config.depth)
+    rates = None
+    if self.config.drop_path_rate > 0:
+      rates = jnp.asarray(drop_path_rates(self.config), jnp.float32)
+    return rates, keys
+
   def _scan_blocks(self, x_BLC, ada, *, stacked=None, mask_LL=None, cache=None, begin=0,
                    train=False, remat='none'):
     """All blocks as one lax.scan over stacked parameters -> (x_BLC, cache or None).
@@ -218,22 +246,8 @@ class VAR(nn.Module):
     if stacked is None:
       stacked = stack_blocks(self.variables['params'], depth)
     ada = jnp.stack(ada) if isinstance(ada, (tuple, list)) else ada
-    block = AdaLNSelfAttn(**self._block_fields(), drop_path=0.0, parent=None)
-    rates = keys = None
-    if train:
-      keys = jax.random.split(self.make_rng('dropout'), depth)
-      if self.config.drop_path_rate > 0:
-        rates = jnp.asarray(drop_path_rates(self.config), jnp.float32)
-
-    def step(x, kv, xs):
-      p, ada_i, i, rate, key = xs
-      return block.apply({'params': p}, x, ada_i, mask_LL=mask_LL, kv=kv, begin=begin,
-                         layer=None if kv is None else i, deterministic=not train,
-                         drop_path_rate=rate, rngs=None if key is None else {'dropout': key})
-
-    use_remat, policy = remat_policy(remat)
-    if use_remat:
-      step = jax.checkpoint(step, prevent_cse=False, policy=policy)
+    rates, keys = self._per_block_data(train)
+    step = self._block_step(mask_LL=mask_LL, begin=begin, train=train, remat=remat)
 
     def body(carry, xs):
       x, kv = carry
@@ -244,6 +258,23 @@ class VAR(nn.Module):
     xs = (stacked, ada, jnp.arange(depth, dtype=jnp.int32), rates, keys)
     (x_BLC, kv), _ = jax.lax.scan(body, (x_BLC, kv0), xs)
     return x_BLC, (None if kv is None else KVCache(k=kv[0], v=kv[1]))
+
+  def _unrolled_blocks(self, x_BLC, ada, *, mask_LL, train: bool):
+    """Teacher forcing through blocks_0.. one after another: the scanned loop's step on
+    each block's own parameters (no stacked copies of parameters, activations or
+    gradients; same numbers as the scan). At init, the bound blocks create the params."""
+    if self.is_initializing():
+      for block, ada_B16C in zip(self.blocks, ada):
+        x_BLC = block(x_BLC, ada_B16C, mask_LL=mask_LL, deterministic=not train)[0]
+      return x_BLC
+    rates, keys = self._per_block_data(train)
+    step = self._block_step(mask_LL=mask_LL, train=train, remat=self.remat, prevent_cse=True)
+    params = self.variables['params']
+    for i in range(self.config.depth):
+      xs = (params[f'blocks_{i}'], ada[i], i, None if rates is None else rates[i],
+            None if keys is None else keys[i])
+      x_BLC, _ = step(x_BLC, None, xs)
+    return x_BLC
 
   # --- pieces shared by teacher forcing and decoding ------------------------------
   def condition(self, labels_B: jax.Array):
@@ -295,20 +326,6 @@ class VAR(nn.Module):
     else:
       x_BLC = self._unrolled_blocks(x_BLC, ada, mask_LL=mask_LL, train=train)
     return self.get_logits(x_BLC, cond_BD)
-
-  def _unrolled_blocks(self, x_BLC, ada, *, mask_LL, train: bool):
-    """Teacher forcing through blocks_0.. one after another, each under jax.checkpoint
-    (nn.remat) when `remat` asks for it (not at init)."""
-    use_remat, policy = remat_policy(self.remat)
-
-    def call(block, x, ada_B16C):
-      return block(x, ada_B16C, mask_LL=mask_LL, deterministic=not train)[0]
-
-    if use_remat and not self.is_initializing():
-      call = nn.remat(call, policy=policy, prevent_cse=True)
-    for block, ada_B16C in zip(self.blocks, ada):
-      x_BLC = call(block, x_BLC, ada_B16C)
-    return x_BLC
 
   def decode_scale(self, si: int, x_BlC: jax.Array, cond_BD: jax.Array, ada, cache: KVCache,
                    stacked=None):
