@@ -3,15 +3,16 @@
 # benchmarks and, when VAR_DIR names a checkout of the reference (FoundationVision/VAR),
 # the reference's on the same machine right after, the same settings.
 #
-#   [VAR_DIR=path/to/VAR] [REF_BENCH=../shared/bench] [PARTS='train sample ref'] \
+#   [VAR_DIR=path/to/VAR] [REF_BENCH=../shared/bench] [PARTS='train sample ...'] \
 #       bash benchmarks/gpu_side_by_side.sh OUT_DIR
 #
-# PARTS picks the jobs (default all three); a device call limited to 10 minutes runs them
-# as separate calls, e.g. PARTS=train then PARTS='sample ref', each with its own OUT_DIR.
+# PARTS picks the jobs (default all: train train_xla sample sample_xla ref); a device call
+# limited to 10 minutes runs them as separate calls, e.g. PARTS=train, then
+# PARTS='train_xla sample_xla', then PARTS='sample ref', each with its own OUT_DIR.
 #
 # OUT_DIR must not exist yet (nothing is overwritten). It receives one log per job
-# (train.txt, sample.txt, ref_train.txt, ref_sample.txt), the training rows as JSON lines
-# (train.jsonl) and environment.txt (GPU, versions, commit). About 15 minutes on one H100
+# (train.txt, train_xla.txt, sample.txt, sample_xla.txt, ref_train.txt, ref_sample.txt), the training rows as JSON lines
+# (train.jsonl) and environment.txt (GPU, versions, commit). About 20 minutes on one H100
 # (compiles included: training ~20-40 s per row, more unrolled, sampling ~40-50 s per row); with
 # PROFILE=1 also jax.profiler traces of the default training row under OUT_DIR/trace_train
 # and of the same with unrolled blocks under OUT_DIR/trace_train_unrolled
@@ -25,7 +26,7 @@ fi
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 ref_bench=${REF_BENCH:-../shared/bench}
-parts=" ${PARTS:-train sample ref} "
+parts=" ${PARTS:-train train_xla sample sample_xla ref} "
 
 {
   date -u; git rev-parse HEAD 2>/dev/null || true
@@ -57,6 +58,27 @@ fi
 # Sampling: d16 b64, d16 b1, d30 b64, d36 at 512 px b16 (bfloat16, cfg 1.5, top_k 900, top_p 0.96).
 if [[ $parts == *' sample '* ]]; then
   python3 benchmarks/sample_bench.py --sweep --dtype bfloat16 2>&1 | tee "$out/sample.txt"
+fi
+
+# XLA flags for the scanned programs, each in its own process (an XLA that does not know
+# a flag fails only that run). Dynamic-slice fusion lets a cuBLAS GEMM inside a while loop
+# read its operand from, and write its result into, a slice of a stacked buffer (the
+# block weights at each sampling step; the kept activations of each training block)
+# instead of copying it; command buffers with WHILE/CONDITIONAL record whole loops as CUDA
+# graphs (the batch-1 sampler's 160 loop iterations each wait for the host otherwise).
+flag_sets=('--xla_gpu_enable_dynamic_slice_fusion=true'
+           '--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_graph_min_graph_size=1')
+if [[ $parts == *' train_xla '* ]]; then
+  XLA_FLAGS="${XLA_FLAGS:-} ${flag_sets[0]}" python3 benchmarks/train_bench.py \
+      --config configs/var_d16.py --batch 64 --steps 5 --sweep \
+      --variants 'remat=dots_attention_saveable,data=tokens;remat=dots_saveable,data=tokens' \
+      --json "$out/train_xla.jsonl" 2>&1 | tee "$out/train_xla.txt" || true
+fi
+if [[ $parts == *' sample_xla '* ]]; then
+  for flags in "${flag_sets[@]}"; do
+    XLA_FLAGS="${XLA_FLAGS:-} $flags" python3 benchmarks/sample_bench.py --sweep \
+        --sweep-configs 'd16:64,d16:1' --dtype bfloat16 2>&1 | tee -a "$out/sample_xla.txt" || true
+  done
 fi
 
 if [[ $parts != *' ref '* ]]; then

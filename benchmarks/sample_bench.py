@@ -42,6 +42,7 @@ import gc
 import glob
 import gzip
 import json
+import os
 import re
 import statistics
 import sys
@@ -358,7 +359,7 @@ def main(argv=None):
   print(f'device: {dev.device_kind} ({dev.platform}) x{len(jax.devices())}; jax {jax.__version__}; '
         f'dtype {args.dtype}; attention {args.attention}; blocks '
         f'{"lax.scan" if args.scan else "unrolled"}; cfg {args.cfg} top_k {args.top_k} '
-        f'top_p {args.top_p}', flush=True)
+        f'top_p {args.top_p}; XLA_FLAGS {os.environ.get("XLA_FLAGS", "")!r}', flush=True)
   say = lambda *a: print(*a, flush=True)
   if not args.sweep:
     bench_one(args, args.model, args.px, args.batch, split=True, say=say)

@@ -34,6 +34,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -286,7 +287,7 @@ def main(argv=None) -> int:
       if not args.sweep:
         traceback.print_exc()
     row.update(config=args.config, overrides=overrides, batch=args.batch, device=dev.device_kind,
-               devices=jax.device_count())
+               devices=jax.device_count(), xla_flags=os.environ.get('XLA_FLAGS', ''))
     rows.append(row)
     print(json.dumps(row), flush=True)
     if args.json:
