@@ -20,7 +20,8 @@ blocks_0..blocks_{depth-1}, so converters and checkpoints do not change). Each
 step applies one `AdaLNSelfAttn` with its own parameters; the drop-path rate is
 scanned as data and each block gets its own dropout key. This compiles the block
 once instead of `depth` times (per scale when sampling). `scan_blocks=False`
-unrolls the loop (same numbers). `remat='block'` (or a checkpoint policy such as
+unrolls the loop with the same block step (same numbers, dropout masks included),
+so training writes no stacked (depth, ...) activation or gradient buffers. `remat='block'` (or a checkpoint policy such as
 'dots_saveable') recomputes each block's activations in the backward pass
 (jax.checkpoint) to save memory, in both block loops.
 
