@@ -65,9 +65,11 @@ fi
 # read its operand from, and write its result into, a slice of a stacked buffer (the
 # block weights at each sampling step; the kept activations of each training block)
 # instead of copying it; command buffers with WHILE/CONDITIONAL record whole loops as CUDA
-# graphs (the batch-1 sampler's 160 loop iterations each wait for the host otherwise).
+# graphs (the batch-1 sampler's 160 loop iterations each wait for the host otherwise);
+# autotune level 0 shows how much of the sampler's compile time is GEMM/conv autotuning.
 flag_sets=('--xla_gpu_enable_dynamic_slice_fusion=true'
-           '--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_graph_min_graph_size=1')
+           '--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_graph_min_graph_size=1'
+           '--xla_gpu_autotune_level=0')
 if [[ $parts == *' train_xla '* ]]; then
   XLA_FLAGS="${XLA_FLAGS:-} ${flag_sets[0]}" python3 benchmarks/train_bench.py \
       --config configs/var_d16.py --batch 64 --steps 5 --sweep \
