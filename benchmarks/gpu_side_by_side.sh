@@ -8,15 +8,17 @@
 #
 # PARTS picks the jobs (default all: train train_xla sample sample_xla ref); a device call
 # limited to 10 minutes runs them as separate calls, e.g. PARTS=train, then
-# PARTS='train_xla sample_xla', then PARTS='sample ref', each with its own OUT_DIR.
+# PARTS='train_xla sample_xla', then PARTS='sample ref', then PARTS=profile, each with
+# its own OUT_DIR.
 #
 # OUT_DIR must not exist yet (nothing is overwritten). It receives one log per job
 # (train.txt, train_xla.txt, sample.txt, sample_xla.txt, ref_train.txt, ref_sample.txt), the training rows as JSON lines
 # (train.jsonl) and environment.txt (GPU, versions, commit). About 20 minutes on one H100
-# (compiles included: training ~20-40 s per row, more unrolled, sampling ~40-50 s per row); with
-# PROFILE=1 also jax.profiler traces of the default training row under OUT_DIR/trace_train
-# and of the same with unrolled blocks under OUT_DIR/trace_train_unrolled
-# (read it with ../shared/bench/kernel_breakdown.py OUT_DIR/trace_train --calls 3).
+# (compiles included: training ~20-40 s per row, more unrolled, sampling ~40-50 s per row).
+# Part `profile` (not in the default set) writes jax.profiler traces of the default
+# training row under OUT_DIR/trace_train and of the same with unrolled blocks under
+# OUT_DIR/trace_train_unrolled (read them with
+# ../shared/bench/kernel_breakdown.py OUT_DIR/trace_train --calls 3).
 set -euo pipefail
 out=${1:?usage: bash benchmarks/gpu_side_by_side.sh OUT_DIR}
 if [ -e "$out" ]; then
@@ -27,6 +29,13 @@ cd "$(dirname "$0")/.."
 mkdir -p "$out"
 ref_bench=${REF_BENCH:-../shared/bench}
 parts=" ${PARTS:-train train_xla sample sample_xla ref} "
+for p in $parts; do
+  case $p in
+    train|train_xla|sample|sample_xla|ref|profile) ;;
+    *) echo "gpu_side_by_side.sh: unknown part '$p' (train train_xla sample sample_xla ref profile)" >&2
+       rmdir "$out"; exit 2 ;;
+  esac
+done
 
 {
   date -u; git rev-parse HEAD 2>/dev/null || true
@@ -45,14 +54,14 @@ if [[ $parts == *' train '* ]]; then
   variants+='remat=dots_inputs_attention_saveable,data=tokens;remat=block,data=tokens'
   python3 benchmarks/train_bench.py --config configs/var_d16.py --batch 64 --steps 5 --sweep \
       --variants "$variants" --json "$out/train.jsonl" 2>&1 | tee "$out/train.txt"
-  if [ "${PROFILE:-0}" = 1 ]; then
-    python3 benchmarks/train_bench.py --config configs/var_d16.py --batch 64 --steps 5 \
-        --remat dots_attention_saveable --data tokens --profile "$out/trace_train" \
-        2>&1 | tee "$out/train_profile.txt"
-    python3 benchmarks/train_bench.py --config configs/var_d16.py --batch 64 --steps 5 \
-        --remat dots_attention_saveable --data tokens --scan false \
-        --profile "$out/trace_train_unrolled" 2>&1 | tee "$out/train_profile_unrolled.txt"
-  fi
+fi
+if [[ $parts == *' profile '* ]]; then
+  python3 benchmarks/train_bench.py --config configs/var_d16.py --batch 64 --steps 5 \
+      --remat dots_attention_saveable --data tokens --profile "$out/trace_train" \
+      2>&1 | tee "$out/train_profile.txt"
+  python3 benchmarks/train_bench.py --config configs/var_d16.py --batch 64 --steps 5 \
+      --remat dots_attention_saveable --data tokens --scan false \
+      --profile "$out/trace_train_unrolled" 2>&1 | tee "$out/train_profile_unrolled.txt"
 fi
 
 # Sampling: d16 b64, d16 b1, d30 b64, d36 at 512 px b16 (bfloat16, cfg 1.5, top_k 900, top_p 0.96).
