@@ -21,9 +21,10 @@ step applies one `AdaLNSelfAttn` with its own parameters; the drop-path rate is
 scanned as data and each block gets its own dropout key. This compiles the block
 once instead of `depth` times (per scale when sampling). `scan_blocks=False`
 unrolls the loop with the same block step (same numbers, dropout masks included),
-so training writes no stacked (depth, ...) activation or gradient buffers. `remat='block'` (or a checkpoint policy such as
-'dots_saveable') recomputes each block's activations in the backward pass
-(jax.checkpoint) to save memory, in both block loops.
+so training writes no stacked (depth, ...) activation or gradient buffers.
+`remat='block'` (or a checkpoint policy such as 'dots_saveable') recomputes each
+block's activations in the backward pass (jax.checkpoint) to save memory, in both
+block loops.
 
 Inputs and the head run in float32 (the reference disables autocast there and
 casts to float before the head); the blocks run in `dtype`. With float32
