@@ -25,8 +25,10 @@ lax.scan, false = unrolled). The step is the trainer's own jitted, donated step
 Reported per variant: step time, images/s, tokens/s, MFU (analytic VAR training FLOPs,
 writer.var_flops_per_image, the tokenizer not counted, over devices x the device's dense
 bf16 peak), the compiled per-device memory (XLA memory_analysis: arguments + outputs -
-aliased + temporaries) and, where the backend reports it, the device's peak bytes in use
-(cumulative over the process: a sweep's later rows include earlier peaks).
+aliased + temporaries), the bytes the step writes through dynamic-update-slice
+(`dus_write_GiB`: with scanned blocks, the kept activations and weight gradients put into
+stacked (depth, ...) buffers; 0 unrolled) and, where the backend reports it, the device's
+peak bytes in use (cumulative over the process: a sweep's later rows include earlier peaks).
 """
 from __future__ import annotations
 
