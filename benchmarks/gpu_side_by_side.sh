@@ -20,7 +20,15 @@
 # OUT_DIR/trace_train_unrolled (read them with
 # ../shared/bench/kernel_breakdown.py OUT_DIR/trace_train --calls 3).
 set -euo pipefail
-out=${1:?usage: bash benchmarks/gpu_side_by_side.sh OUT_DIR}
+out=$(realpath -m "${1:?usage: bash benchmarks/gpu_side_by_side.sh OUT_DIR}")   # before the cd below
+parts=" ${PARTS:-train train_xla sample sample_xla ref} "
+for p in $parts; do
+  case $p in
+    train|train_xla|sample|sample_xla|ref|profile) ;;
+    *) echo "gpu_side_by_side.sh: unknown part '$p' (train train_xla sample sample_xla ref profile)" >&2
+       exit 2 ;;
+  esac
+done
 if [ -e "$out" ]; then
   echo "gpu_side_by_side.sh: $out exists; give a new folder (nothing is overwritten)" >&2
   exit 2
@@ -28,14 +36,6 @@ fi
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 ref_bench=${REF_BENCH:-../shared/bench}
-parts=" ${PARTS:-train train_xla sample sample_xla ref} "
-for p in $parts; do
-  case $p in
-    train|train_xla|sample|sample_xla|ref|profile) ;;
-    *) echo "gpu_side_by_side.sh: unknown part '$p' (train train_xla sample sample_xla ref profile)" >&2
-       rmdir "$out"; exit 2 ;;
-  esac
-done
 
 {
   date -u; git rev-parse HEAD 2>/dev/null || true

@@ -41,9 +41,11 @@ def test_dus_write_counter_multiplies_by_trip_count():
   assert bench.dus_write_bytes(hlo(unrolled)) == 0
 
 
-def _side_by_side(out, **env):
+def _side_by_side(out, cwd=None, **env):
+  """The script without a reference checkout (VAR_DIR unset), as in CI."""
+  base = {k: v for k, v in os.environ.items() if k != 'VAR_DIR'}
   return subprocess.run(['bash', str(SCRIPT), str(out)], capture_output=True, text=True,
-                        env=dict(os.environ, **env), timeout=120)
+                        env=dict(base, **env), cwd=cwd, timeout=120)
 
 
 @pytest.mark.parametrize('parts', ['ref trian', 'sample,ref'])
@@ -55,11 +57,17 @@ def test_gpu_side_by_side_rejects_unknown_parts(tmp_path, parts):
 
 def test_gpu_side_by_side_never_reuses_a_folder(tmp_path):
   out = tmp_path / 'out'
-  env = {k: v for k, v in os.environ.items() if k != 'VAR_DIR'}
-  r = subprocess.run(['bash', str(SCRIPT), str(out)], capture_output=True, text=True,
-                     env=dict(env, PARTS='ref'), timeout=120)
+  r = _side_by_side(out, PARTS='ref')
   assert r.returncode == 0, r.stderr
   assert sorted(p.name for p in out.iterdir()) == ['environment.txt', 'ref_skipped.txt']
   r = _side_by_side(out, PARTS='ref')
   assert r.returncode == 2 and 'exists' in r.stderr
   assert sorted(p.name for p in out.iterdir()) == ['environment.txt', 'ref_skipped.txt']
+
+
+def test_gpu_side_by_side_writes_a_relative_folder_where_it_was_asked(tmp_path):
+  """OUT_DIR relative to the caller's directory, not to the checkout the script cd's into."""
+  r = _side_by_side('rel_out', cwd=tmp_path, PARTS='ref')
+  assert r.returncode == 0, r.stderr
+  assert (tmp_path / 'rel_out' / 'ref_skipped.txt').exists()
+  assert not (ROOT / 'rel_out').exists()
