@@ -96,15 +96,14 @@ REMAT_NAMES = ('none', 'block', 'dots_saveable', 'dots_attention_saveable',
                'checkpoint_dots_with_no_batch_dims', 'nothing_saveable', 'everything_saveable')
 
 
+_both = jax.checkpoint_policies.save_from_both_policies
+_dots_attention = _both(jax.checkpoint_policies.dots_saveable, attention_lib.attention_saveable)
 _OWN_POLICIES = {    # made once: the policy object is part of the traced program
     'block': None,
     'attention_saveable': attention_lib.attention_saveable,
-    'dots_attention_saveable': jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_saveable, attention_lib.attention_saveable),
-    'dots_inputs_attention_saveable': jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.save_from_both_policies(
-            jax.checkpoint_policies.dots_saveable, attention_lib.attention_saveable),
-        jax.checkpoint_policies.save_only_these_names(*MATMUL_INPUT_NAMES)),
+    'dots_attention_saveable': _dots_attention,
+    'dots_inputs_attention_saveable': _both(
+        _dots_attention, jax.checkpoint_policies.save_only_these_names(*MATMUL_INPUT_NAMES)),
 }
 
 
@@ -125,8 +124,9 @@ def remat_policy(name: Any):
   GiB (as dots_with_no_batch_dims_saveable: the fused attention is no dot), block
   5.3 GiB; keeping the attention adds B*L*C*2 + B*H*L*4 bytes per block (d16 B64:
   1.4 GiB), the matmul inputs B*L*6C*2 bytes more (d16 B64: 8.3 GiB). What the
-  forward keeps: benchmarks/remat_memory.py --residuals. With the xla attention the (B, H, L, L) probabilities dominate instead, and
-  dots_saveable keeps them (they are dot outputs).
+  forward keeps: benchmarks/remat_memory.py --residuals. With the xla attention the
+  (B, H, L, L) probabilities dominate instead, and dots_saveable keeps them (they are
+  dot outputs).
   """
   name = {True: 'block', False: 'none', None: 'none'}.get(name, name)
   if name not in REMAT_NAMES:
