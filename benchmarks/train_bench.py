@@ -274,8 +274,11 @@ def main(argv=None) -> int:
     args.batch = int(load_config(args.config, overrides).batch_size)
   base = {'attention': args.attention, 'remat': args.remat, 'vae': args.vae, 'data': args.data,
           'scan': args.scan}
-  variants = ([parse_variant(v, base) for v in args.variants.split(';') if v.strip()]
-              if args.sweep else [base])
+  try:
+    variants = ([parse_variant(v, base) for v in args.variants.split(';') if v.strip()]
+                if args.sweep else [base])
+  except ValueError as e:      # a bad --variants entry: one line, exit 2
+    ap.error(str(e))
   dev = jax.devices()[0]
   print(f'# {args.config} {" ".join(overrides)}: global batch {args.batch} on {jax.device_count()} x '
         f'{dev.device_kind} ({dev.platform}), {args.steps} timed steps', flush=True)

@@ -71,3 +71,13 @@ def test_gpu_side_by_side_writes_a_relative_folder_where_it_was_asked(tmp_path):
   assert r.returncode == 0, r.stderr
   assert (tmp_path / 'rel_out' / 'ref_skipped.txt').exists()
   assert not (ROOT / 'rel_out').exists()
+
+
+@pytest.mark.parametrize('variants, message', [('scan=maybe', "scan must be 'true' or 'false'"),
+                                               ('speed=max', 'unknown variant option')])
+def test_train_bench_bad_variant_is_one_line(capsys, variants, message):
+  with pytest.raises(SystemExit) as e:
+    _load('train_bench').main(['--batch', '8', '--sweep', '--variants', variants])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert message in err and 'Traceback' not in err
