@@ -1,8 +1,9 @@
 """VAR-16 on ImageNet 256 px: the reference recipe (README: --depth=16 --bs=768 --ep=200 --fp16=1 --alng=1e-3 --wpe=0.1).
 
 Command (8 hosts x 8 accelerators or any mesh; batch is global):
-  var-jax train --config configs/var_d16.py --workdir gs://BUCKET/var_d16 \
+  var-jax train --config configs/var_d16.py --workdir /shared/ckpt/var_d16 \
     --config.data.path=/data/imagenet   # train/<class>/*.JPEG, val/<class>/*.JPEG
+  # /shared: a file system every host mounts at that path (NFS/Filestore, gcsfuse), not a gs:// URL
   # TFDS instead: --config.data.kind=tfds --config.data.tfds_name=imagenet2012 --config.data.path=TFDS_DIR
   # bigger models: --config.mesh.fsdp=8 (FSDP) and/or --config.mesh.tensor=N
   # no encoder in the step: encode once, then train from the tokens (crop/flip variants kept)

@@ -1,8 +1,9 @@
 """VAR-36-s (shared AdaLN) on ImageNet 512 px: the reference recipe (README: --depth=36 --saln=1 --pn=512 --bs=768 --ep=350 --tblr=8e-5 --fp16=1 --alng=5e-6 --wpe=0.01 --twde=0.08).
 
 Command (8 hosts x 8 accelerators or any mesh; batch is global):
-  var-jax train --config configs/var_d36_512.py --workdir gs://BUCKET/var_d36_512 \
+  var-jax train --config configs/var_d36_512.py --workdir /shared/ckpt/var_d36_512 \
     --config.data.path=/data/imagenet   # train/<class>/*.JPEG, val/<class>/*.JPEG
+  # /shared: a file system every host mounts at that path (NFS/Filestore, gcsfuse), not a gs:// URL
   # TFDS instead: --config.data.kind=tfds --config.data.tfds_name=imagenet2012 --config.data.path=TFDS_DIR
   # bigger models: --config.mesh.fsdp=8 (FSDP) and/or --config.mesh.tensor=N
 

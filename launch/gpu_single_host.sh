@@ -17,4 +17,4 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
 nvidia-smi -L || true
 exec "$VENV/bin/var-jax" train --config "$CONFIG" --workdir "$WORKDIR" --distributed=off \
-  ${DATA:+--config.data.path=$DATA} "$@"
+  ${DATA:+"--config.data.path=$DATA"} "$@"

@@ -418,6 +418,64 @@ def test_atomic_write_and_check_output(tmp_path):
     safe_io.check_distinct({'--out': str(f), '--npz-out': str(tmp_path / 'a' / '..' / 'a' / 'b.bin')})
 
 
+URL_CASES = [
+    (S + LAB + ['--out', 'gs://bucket/g.png'], '--out gs://bucket/g.png'),
+    (S + LAB + ['--out', '{d}/g.png', '--npz-out', 'gs://bucket/s.npz'], '--npz-out gs://'),
+    (R + ['--images', '{d}/image.png', '--out', 's3://bucket/r.png'], '--out s3://'),
+    (['edit', '--checkpoint', DIGITS, '--image', '{d}/image.png', '--box', '0,0,0.5,0.5',
+      '--out', 'gs://bucket/e.png'], '--out gs://'),
+    (['convert', '--vae', '{d}/garbage.pth', '--out', 'gs://bucket/ck'], '--out gs://'),
+    (['demo', '--out', 'gs://bucket/demo'], '--out gs://'),
+    (E + ['--out', 'gs://bucket/m.json'], '--out gs://'),
+    (['train', '--config', str(ROOT / 'configs' / 'var_tiny.py'), '--workdir', 'gs://bucket/run'],
+     '--workdir gs://bucket/run'),
+    (['tokenize', '--config', str(ROOT / 'configs' / 'var_tiny.py'), '--out', 'gs://bucket/tok'],
+     '--out gs://'),
+]
+
+
+@pytest.mark.parametrize('argv,pattern', URL_CASES, ids=[c[0][0] for c in URL_CASES])
+def test_urls_are_refused_not_written_to_a_local_folder(files, no_model, capsys, monkeypatch,
+                                                        argv, pattern):
+  """os/pathlib take 'gs://bucket/x' for the relative folder 'gs:': every output path and
+  the training workdir are checked before anything is loaded or written."""
+  monkeypatch.chdir(files)   # where a 'gs:' folder would appear
+  before = _snapshot(files)
+  argv = [a.replace('{d}', str(files)) for a in argv]
+  code, _, err = run(argv, capsys)
+  assert_one_error(code, err, 2, pattern, argv[0])
+  assert 'mounted file systems' in err
+  assert _snapshot(files) == before
+
+
+def test_require_local_and_the_library_entry_points(tmp_path, monkeypatch):
+  """The same check where the library writes (a training workdir, a checkpoint, a tokens
+  folder) or reads a data folder; a local name with a colon is still a path."""
+  from var_jax import checkpoint
+  from var_jax.config_loader import load_config
+  from var_jax.data import images
+  from var_jax.train import loop, tokenize
+  monkeypatch.chdir(tmp_path)
+  for url in ('gs://b/x', 's3://b/x', 'file:///tmp/x', 'HTTPS://h/x'):
+    with pytest.raises(ValueError, match='not .*:// URLs'):
+      safe_io.require_local(url, 'out')
+  for path in ('a:b/c', 'gs:', 'run/gs://x', tmp_path / 'x', None):
+    safe_io.require_local(path, 'out')
+  cfg = load_config(str(ROOT / 'configs' / 'var_tiny.py'))
+  with pytest.raises(ValueError, match='workdir gs://b/run'):
+    loop.train_and_evaluate(cfg, 'gs://b/run')
+  with pytest.raises(ValueError, match='out gs://b/tok'):
+    tokenize.tokenize(cfg, 'gs://b/tok')
+  with pytest.raises(ValueError, match='checkpoint directory gs://b/ck'):
+    checkpoint.save('gs://b/ck', None, {})
+  for kind in ('folder', 'tokens'):
+    data = cfg.data.copy_and_resolve_references()
+    data.kind, data.path = kind, 'gs://b/imagenet'
+    with pytest.raises(ValueError, match='data.path gs://b/imagenet'):
+      images.make_source(data, 'train', 32)
+  assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason='root may write into a read-only folder')
 def test_unwritable_output_folder(tmp_path, capsys):
   ro = tmp_path / 'ro'

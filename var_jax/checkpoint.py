@@ -142,7 +142,8 @@ def save(directory: str | os.PathLike, config: ModelConfig, vae_params: Any,
          force: bool = False) -> pathlib.Path:
   """Writes a checkpoint to `directory` (refuses a non-empty one unless force)."""
   import orbax.checkpoint as ocp
-  from var_jax.safe_io import sweep_stale, uninterruptible
+  from var_jax.safe_io import require_local, sweep_stale, uninterruptible
+  require_local(directory, 'checkpoint directory')
   target = pathlib.Path(directory).absolute()
   sweep_stale(target)   # .NAME.tmp-<pid> / .old-<pid> of a save that was killed
   if target.exists() and not target.is_dir():

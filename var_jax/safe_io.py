@@ -3,7 +3,8 @@
     safe_io.check_output(args.out, force=args.force, flag='--out')   # before any work
     with safe_io.atomic_write(path) as f: ...                        # complete or absent
 
-`check_output` vets an output path before any compute starts: a folder is never
+`check_output` vets an output path before any compute starts: a URL (gs://...) is
+refused (`require_local`), a folder is never
 taken for a file, an existing file is replaced only with force (or when it is the
 caller's own partial output), a non-empty folder only with force and only if it is
 one var-jax wrote; the parent must be writable. `atomic_write` writes through
@@ -22,6 +23,20 @@ import shutil
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional
 
 _STALE = re.compile(r'^\.(?P<name>.+)\.(?P<kind>tmp-?|old-)(?P<pid>\d+)$')
+_URL = re.compile(r'^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://')
+
+
+def require_local(path: str | os.PathLike | None, flag: str) -> None:
+  """ValueError for a URL (gs://, s3://, http://, ...): var-jax reads and writes local or
+  mounted file systems only, and os/pathlib would take 'gs://bucket/run' for a folder
+  'gs:' under the current directory, so checkpoints or samples would silently stay on
+  this machine's disk."""
+  m = None if path is None else _URL.match(os.fspath(path))
+  if m:
+    raise ValueError(f'{flag} {path}: var-jax uses local or mounted file systems, not '
+                     f'{m.group("scheme")}:// URLs (this path would become a local folder '
+                     f'"{m.group("scheme")}:"); mount the bucket or share (e.g. gcsfuse, '
+                     'Filestore/NFS) and give its path')
 
 
 def temp_path(path: str | os.PathLike) -> pathlib.Path:
@@ -126,6 +141,7 @@ def check_output(path: str | os.PathLike | None, *, force: bool = False, kind: s
   (tried by creating and removing a temporary file)."""
   if path is None:
     return None
+  require_local(path, flag)
   path = pathlib.Path(path)
   if kind not in ('file', 'dir', 'into'):
     raise ValueError(f'kind must be file, dir or into, got {kind!r}')

@@ -40,6 +40,8 @@ def _run(args) -> int:
   show_info_logs()
   if args.crops < 1 or args.shard_size < 1 or args.batch_size < 1 or args.threads < 1:
     raise CommandError('--crops, --shard-size, --batch-size and --threads must be >= 1', USAGE)
+  from var_jax import safe_io
+  safe_io.require_local(args.out, '--out')
   from var_jax.config_loader import load_config
   cfg = load_config(args.config, getattr(args, 'overrides', []))
   init_distributed(args.distributed)

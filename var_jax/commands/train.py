@@ -63,6 +63,8 @@ def debug_mode(args) -> bool:
 
 
 def _run(args) -> int:
+  from var_jax import safe_io
+  safe_io.require_local(args.workdir, '--workdir')
   show_info_logs()
   from var_jax.config_loader import load_config
   cfg = load_config(args.config, getattr(args, 'overrides', []))   # bad config: no jax start-up

@@ -26,6 +26,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from var_jax import safe_io
 from var_jax.data import augment
 
 log = logging.getLogger('var_jax.data')
@@ -112,6 +113,8 @@ class SyntheticSource:
 def make_source(data_cfg, split: str = 'train', image_size: int | None = None):
   """Source from a config section: kind in {'folder', 'tfds', 'synthetic', 'digits', 'tokens'}."""
   kind = data_cfg.kind
+  if kind in ('tokens', 'folder'):
+    safe_io.require_local(data_cfg.path, 'data.path')
   if kind == 'tokens':
     from var_jax.data import tokens
     return tokens.TokenSource(data_cfg.path, 'train' if split == 'train' else 'eval')

@@ -39,7 +39,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from var_jax import parallel
+from var_jax import parallel, safe_io
 from var_jax.data import images as data_lib
 from var_jax.train import checkpoint_manager, preemption, state as state_lib, writer as writer_lib
 
@@ -113,6 +113,7 @@ def make_task(config, devices=None):
 def train_and_evaluate(config, workdir: str, *, stop_after: Optional[int] = None,
                        devices=None) -> Tuple[Any, Dict[str, Any]]:
   """Builds the task of `config` and runs it in `workdir` (see `run`)."""
+  safe_io.require_local(workdir, 'workdir')   # before the task is built
   return run(make_task(config, devices), workdir, stop_after=stop_after)
 
 
@@ -122,6 +123,7 @@ def run(task, workdir: str, *, stop_after: Optional[int] = None) -> Tuple[Any, D
   'done' or 'preempted'. A task (its compiled steps) can run several workdirs in turn."""
   ctx = task.ctx
   c, rc = ctx.config, ctx.config.run
+  safe_io.require_local(workdir, 'workdir')   # 'gs://b/run' would become ./gs:/b/run
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   say = lambda msg: writer_lib.print0(f'[{task.name}] {msg}')

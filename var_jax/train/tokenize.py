@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from var_jax import safe_io
 from var_jax.data import augment, images as data_lib, tokens as tokens_lib
 from var_jax.train import frozen_tokenizer
 
@@ -75,6 +76,7 @@ def tokenize(config, out: str, *, crops: int = 1, flip: bool | None = None, shar
   """Writes (or finishes) the tokens folder `out`; returns its manifest."""
   if crops < 1 or shard_size < 1 or batch_size < 1:
     raise ValueError('crops, shard_size and batch_size must be >= 1')
+  safe_io.require_local(out, 'out')
   if config.data.kind == 'tokens':
     raise ValueError('config.data.kind is already tokens: tokenize reads images')
   flip = bool(config.data.hflip) if flip is None else flip
