@@ -1,4 +1,5 @@
 """Shared test helpers: where the reference fixtures live and how to load them."""
+import importlib.util
 import json
 import os
 import pathlib
@@ -59,6 +60,14 @@ class Fixture:
   def nhwc(self, key):
     """An NCHW fixture array as NHWC."""
     return np.transpose(self.io[key], (0, 2, 3, 1))
+
+
+def load_benchmark(name: str):
+  """benchmarks/<name>.py as a module (the benchmark scripts are not a package)."""
+  spec = importlib.util.spec_from_file_location(name, ROOT / 'benchmarks' / f'{name}.py')
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
 
 
 _CACHE = {}

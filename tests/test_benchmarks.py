@@ -1,6 +1,5 @@
 """The benchmark scripts' own logic (what they count, how they refuse bad input); their
 figures live in benchmarks/RESULTS.md, not here."""
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -8,22 +7,16 @@ import subprocess
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import load_benchmark
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / 'benchmarks' / 'gpu_side_by_side.sh'
 
 
-def _load(name):
-  spec = importlib.util.spec_from_file_location(name, ROOT / 'benchmarks' / f'{name}.py')
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
 def test_dus_write_counter_multiplies_by_trip_count():
   """train_bench's dus_write_GiB: a 5-step scan stacking a (4, 8) float32 carry writes
   5 x 128 bytes through dynamic-update-slice; the same loop unrolled writes none."""
-  bench = _load('train_bench')
+  bench = load_benchmark('train_bench')
   w = jnp.eye(8) * 0.5
   step = lambda c: jnp.tanh(c @ w)
 
@@ -77,7 +70,7 @@ def test_gpu_side_by_side_writes_a_relative_folder_where_it_was_asked(tmp_path):
                                                ('speed=max', 'unknown variant option')])
 def test_train_bench_bad_variant_is_one_line(capsys, variants, message):
   with pytest.raises(SystemExit) as e:
-    _load('train_bench').main(['--batch', '8', '--sweep', '--variants', variants])
+    load_benchmark('train_bench').main(['--batch', '8', '--sweep', '--variants', variants])
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert message in err and 'Traceback' not in err

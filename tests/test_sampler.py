@@ -2,14 +2,13 @@
 teacher forcing, device-count independence, argument checks, filtering rules, params
 made ready once (no weight casts in the program), the editing hook."""
 import functools
-import importlib.util
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, get_fixture
+from conftest import get_fixture, load_benchmark
 from var_jax import convert, parallel, sampler
 from var_jax.ops.top_k_top_p import top_k_top_p_filter
 from var_jax.sampling_args import check_sampling_args
@@ -197,16 +196,9 @@ def test_keep_hook_replaces_tokens_before_the_next_scale():
 
 
 # --- the bfloat16 program: weights cast once, outside it ---------------------------
-def _bench():
-  spec = importlib.util.spec_from_file_location('sample_bench', ROOT / 'benchmarks' / 'sample_bench.py')
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
 def test_weight_cast_counter_sees_a_cast():
   """The HLO check below can fail: a program that casts a weight-shaped f32 operand counts."""
-  bench = _bench()
+  bench = load_benchmark('sample_bench')
   w = jnp.ones((64, 192), jnp.float32)
   x = jnp.ones((3, 64), jnp.bfloat16)
   text = jax.jit(lambda w, x: x @ w.astype(jnp.bfloat16)).lower(w, x).compile().as_text()
@@ -220,7 +212,7 @@ def test_bfloat16_program_has_no_weight_casts():
   """Ready bf16 params: the optimised program converts no block weight (per block or
   stacked) to bf16 and copies the KV cache at most once; with params as stored it
   converts (once per call), and both give the same bits. Batch 3 keeps the activation shapes (6 l, C) apart from the weight shapes."""
-  bench = _bench()
+  bench = load_benchmark('sample_bench')
   fx, vae_p, var_p = loaded('tiny4')
   s = sampler.Sampler(fx.config, top_k=5, use_top_p=True, dtype=jnp.bfloat16, decode=False)
   shapes = bench.block_weight_shapes(var_p, fx.config.var.depth)
