@@ -25,7 +25,9 @@ printf '%s\\0' "$@" > "$f"
 _STUBS = {
     'var-jax': _RECORD + 'env > "$f.env"\nexit "${STUB_RC:-0}"\n',
     'nvidia-smi': _RECORD,
-    'scontrol': _RECORD + '[ "$1" = show ] && printf "node7\\nnode8\\n"\nexit 0\n',
+    # a long host list (more than a pipe holds): a reader that stops after the first
+    # line makes scontrol die of SIGPIPE, which pipefail turns into the script's failure
+    'scontrol': _RECORD + '[ "$1" = show ] && printf "node%s\\n" $(seq 7 30000)\nexit 0\n',
     # srun: drop its own flags, run the task once as SLURM_PROCID=0
     'srun': _RECORD + 'while [[ $1 == --* ]]; do shift; done\nSLURM_PROCID=0 exec "$@"\n',
     # gcloud: `describe` answers $STUB_DESCRIBE_RC; the ssh that trains runs its --command
