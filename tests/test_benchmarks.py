@@ -1,15 +1,13 @@
 """The benchmark scripts' own logic (what they count, how they refuse bad input); their
 figures live in benchmarks/RESULTS.md, not here."""
 import os
-import pathlib
 import subprocess
 
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import load_benchmark
+from conftest import ROOT, load_benchmark
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / 'benchmarks' / 'gpu_side_by_side.sh'
 
 

@@ -10,8 +10,8 @@ import pathlib
 import subprocess
 
 import pytest
+from conftest import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / 'launch'
 PREEMPTED = 75
 
@@ -41,11 +41,10 @@ exit 0
 }
 
 
-def _stub(path: pathlib.Path, name: str) -> pathlib.Path:
+def _stub(path: pathlib.Path, name: str) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(_STUBS[name])
   path.chmod(0o755)
-  return path
 
 
 @pytest.fixture
@@ -63,11 +62,8 @@ def stubs(tmp_path):
          'STUB_HOME': str(home), 'TMPDIR': str(tmp_path), 'HOME': str(tmp_path)}
 
   def calls():
-    out = []
-    for f in sorted(log.iterdir()):
-      if f.suffix != '.env':
-        out.append((f.name.split('-', 1)[1], f.read_bytes().split(b'\0')[:-1]))
-    return [(name, [a.decode() for a in args]) for name, args in out]
+    return [(f.name.split('-', 1)[1], f.read_text().split('\0')[:-1])
+            for f in sorted(log.iterdir()) if f.suffix != '.env']
 
   def seen_env():
     (f,) = log.glob('*.env')
@@ -110,6 +106,10 @@ def test_gpu_single_host_needs_a_workdir(stubs):
   assert calls() == []
 
 
+def _requeues(calls):
+  return [args for name, args in calls() if name == 'scontrol' and args[0] == 'requeue']
+
+
 def _slurm(env, rc, *args):
   return _run('slurm_multinode.sbatch', ['configs/var_d30.py', *args], env, dict(
       WORKDIR='/shared/ck pt', DATA='/shared/in', STUB_RC=str(rc), SLURM_JOB_NODELIST='node[7-8]',
@@ -127,38 +127,35 @@ def test_slurm_builds_the_distributed_command(stubs):
   seen = calls.env()
   assert (seen['JAX_PROCESS_ID'], seen['JAX_NUM_PROCESSES']) == ('0', '2')
   assert seen['JAX_COORDINATOR_ADDRESS'] == 'node7:12355'
-  assert not [a for name, a in calls() if name == 'scontrol' and a[0] == 'requeue']
+  assert not _requeues(calls)
 
 
 def test_slurm_requeues_a_preempted_run_only(stubs):
   env, calls = stubs
   r = _slurm(env, PREEMPTED)
   assert r.returncode == 0, r.stderr
-  assert [a for name, a in calls() if name == 'scontrol' and a[0] == 'requeue'] == [
-      ['requeue', '4242']]
+  assert _requeues(calls) == [['requeue', '4242']]
 
 
 def test_slurm_passes_a_failure_on_without_requeue(stubs):
   env, calls = stubs
   r = _slurm(env, 3)
   assert r.returncode == 3
-  assert not [a for name, a in calls() if name == 'scontrol' and a[0] == 'requeue']
+  assert not _requeues(calls)
 
 
-def _tpu(env, workdir, rc=0, **extra):
+def _tpu(env, rc=0, **paths):
+  """tpu_pod.sh for a TPU that does not exist yet; `paths` override WORKDIR and DATA."""
   return _run('tpu_pod.sh', ['configs/var_d16.py', '--config.batch_size=1024'], env, dict(
-      TPU_NAME='var-test', ZONE='us-central2-b', ACCELERATOR='v4-64', WORKDIR=workdir,
-      DATA='/mnt/image net', STUB_RC=str(rc), STUB_DESCRIBE_RC='1', **extra))
+      {'WORKDIR': '/mnt/shared/my run', 'DATA': '/mnt/image net', **paths}, TPU_NAME='var-test',
+      ZONE='us-central2-b', ACCELERATOR='v4-64', STUB_RC=str(rc), STUB_DESCRIBE_RC='1'))
 
 
 @pytest.mark.parametrize('var, value', [('WORKDIR', 'gs://bucket/var_d16'),
                                         ('DATA', 's3://bucket/imagenet')])
 def test_tpu_pod_refuses_urls_before_creating_anything(stubs, var, value):
   env, calls = stubs
-  paths = {'WORKDIR': '/mnt/shared/run', 'DATA': '/mnt/in'}
-  paths[var] = value
-  r = _run('tpu_pod.sh', ['configs/var_d16.py'], env,
-           dict(TPU_NAME='var-test', ZONE='z', ACCELERATOR='v4-8', **paths))
+  r = _tpu(env, **{var: value})
   assert r.returncode == 2
   assert len(r.stderr.strip().splitlines()) == 1 and value in r.stderr
   assert calls() == []
@@ -167,7 +164,7 @@ def test_tpu_pod_refuses_urls_before_creating_anything(stubs, var, value):
 @pytest.mark.parametrize('rc', [0, PREEMPTED])
 def test_tpu_pod_creates_copies_installs_and_trains(stubs, rc, tmp_path):
   env, calls = stubs
-  r = _tpu(env, '/mnt/shared/my run', rc)
+  r = _tpu(env, rc)
   assert r.returncode == rc, r.stderr
   got = calls()
   gcloud = [args for name, args in got if name == 'gcloud']
