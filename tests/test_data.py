@@ -32,6 +32,20 @@ def test_folder_source_labels(folder):
     images.FolderSource(str(folder / 'nope'))
 
 
+def test_folder_eval_split_is_val(tmp_path):
+  """data.kind=folder reads path/train and path/val (ImageNet's layout, as configs/common.py says)."""
+  import ml_collections
+  root = tmp_path / 'data'
+  for split, n in (('train', 3), ('val', 2)):
+    (root / split / 'cat').mkdir(parents=True)
+    for i in range(n):
+      Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(root / split / 'cat' / f'{i}.png')
+  cfg = ml_collections.ConfigDict(dict(kind='folder', path=str(root)))
+  assert len(images.make_source(cfg, 'train')) == 3
+  ev = images.make_source(cfg, 'eval')
+  assert len(ev) == 2 and all('/val/' in p for p, _ in ev.items)
+
+
 def test_corrupt_image_is_skipped_and_counted(folder):
   src = images.FolderSource(str(folder / 'train'))
   it = images.make_pipeline(src, global_batch_size=4, image_size=16, train=True, seed=0, num_threads=2)

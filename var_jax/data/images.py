@@ -118,8 +118,8 @@ def make_source(data_cfg, split: str = 'train', image_size: int | None = None):
   if kind == 'tokens':
     from var_jax.data import tokens
     return tokens.TokenSource(data_cfg.path, 'train' if split == 'train' else 'eval')
-  if kind == 'folder':
-    return FolderSource(os.path.join(data_cfg.path, split))
+  if kind == 'folder':   # ImageNet's layout: path/train/<class>/..., path/val/<class>/...
+    return FolderSource(os.path.join(data_cfg.path, 'train' if split == 'train' else 'val'))
   if kind == 'tfds':
     split_name = data_cfg.get('train_split', 'train') if split == 'train' else data_cfg.get('eval_split', 'validation')
     return TfdsSource(data_cfg.tfds_name, split_name, data_cfg.get('path') or None,
