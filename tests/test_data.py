@@ -1,4 +1,7 @@
 """Input pipeline tests: image folders (with a corrupt file), TFDS mock data, augmentation."""
+import os
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -30,6 +33,22 @@ def test_folder_source_labels(folder):
   assert [r[1] for r in src.items].count(1) == 5
   with pytest.raises(ValueError, match='not found'):
     images.FolderSource(str(folder / 'nope'))
+
+
+def test_hidden_files_and_folders_are_not_classes_or_images(folder, tmp_path):
+  """Jupyter's .ipynb_checkpoints must not become class 0 (shifting every label), nor
+  macOS's ._x.png resource forks images."""
+  root = tmp_path / 'train'
+  shutil.copytree(folder / 'train', root)
+  (root / '.ipynb_checkpoints').mkdir()
+  (root / 'cat' / '.ipynb_checkpoints').mkdir()
+  shutil.copy(root / 'cat' / '0.png', root / 'cat' / '.ipynb_checkpoints' / '0-checkpoint.png')
+  (root / 'dog' / '._0.png').write_bytes(b'\x00\x05\x16\x07 AppleDouble')
+  src = images.FolderSource(str(root))
+  assert src.classes == ['cat', 'dog', 'eel'] and len(src) == 13
+  assert [(os.path.relpath(p, root), label) for p, label in src.items] == [
+      (os.path.relpath(p, folder / 'train'), label)
+      for p, label in images.FolderSource(str(folder / 'train')).items]
 
 
 def test_folder_eval_split_is_val(tmp_path):

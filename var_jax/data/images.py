@@ -37,20 +37,18 @@ IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tif
 # --- sources (random access, picklable) -----------------------------------------------
 
 class FolderSource:
-  """ImageNet layout: root/<class>/<image>; classes sorted, label = class index."""
+  """ImageNet layout: root/<class>/<image>; classes sorted, label = class index. Hidden
+  files and folders (.ipynb_checkpoints, macOS's ._x.jpg) are neither classes nor images."""
 
   def __init__(self, root: str):
     if not os.path.isdir(root):
       raise ValueError(f'image folder {root!r} not found')
-    self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    self.classes = class_names(root)
     if not self.classes:
       raise ValueError(f'image folder {root!r} has no class sub-folders')
     self.items = []
     for label, c in enumerate(self.classes):
-      for dirpath, _, files in sorted(os.walk(os.path.join(root, c), followlinks=True)):
-        for f in sorted(files):
-          if f.lower().endswith(IMG_EXTENSIONS):
-            self.items.append((os.path.join(dirpath, f), label))
+      self.items += [(f, label) for f in image_files(os.path.join(root, c))]
     if not self.items:
       raise ValueError(f'image folder {root!r} holds no images ({", ".join(IMG_EXTENSIONS)})')
 
@@ -64,6 +62,27 @@ class FolderSource:
   def __getitem__(self, i: int) -> Dict[str, Any]:
     path, label = self.items[i]
     return {'path': path, 'label': label}
+
+
+def _hidden(name: str) -> bool:
+  return name.startswith('.')
+
+
+def class_names(root: str) -> list:
+  """The sorted class sub-folders of an image folder (hidden ones are not classes: a
+  .ipynb_checkpoints would otherwise become class 0 and shift every label)."""
+  return sorted(d.name for d in os.scandir(root) if d.is_dir() and not _hidden(d.name))
+
+
+def image_files(folder: str) -> list:
+  """The image files under `folder` and its sub-folders (symlinks followed, hidden files
+  and folders left out), folder by folder in sorted order."""
+  found = []
+  for dirpath, dirs, files in os.walk(folder, followlinks=True):
+    dirs[:] = [d for d in dirs if not _hidden(d)]
+    found.append((dirpath, sorted(f for f in files
+                                  if not _hidden(f) and f.lower().endswith(IMG_EXTENSIONS))))
+  return [os.path.join(d, f) for d, files in sorted(found) for f in files]
 
 
 class TfdsSource:
