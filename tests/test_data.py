@@ -65,6 +65,22 @@ def test_folder_eval_split_is_val(tmp_path):
   assert len(ev) == 2 and all('/val/' in p for p, _ in ev.items)
 
 
+def test_folder_eval_labels_follow_the_training_classes(tmp_path):
+  """A val/ that lacks a class keeps the training labels; a class training lacks is an error."""
+  import ml_collections
+  root = tmp_path / 'data'
+  for split, classes in (('train', ['cat', 'dog', 'eel']), ('val', ['cat', 'eel'])):
+    for c in classes:
+      (root / split / c).mkdir(parents=True)
+      Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / split / c / '0.png')
+  cfg = ml_collections.ConfigDict(dict(kind='folder', path=str(root)))
+  ev = images.make_source(cfg, 'eval')
+  assert [(os.path.basename(os.path.dirname(p)), label) for p, label in ev.items] == [('cat', 0), ('eel', 2)]
+  (root / 'val' / 'fox').mkdir()
+  with pytest.raises(ValueError, match='classes the training split lacks: fox'):
+    images.make_source(cfg, 'eval')
+
+
 def test_corrupt_image_is_skipped_and_counted(folder):
   src = images.FolderSource(str(folder / 'train'))
   it = images.make_pipeline(src, global_batch_size=4, image_size=16, train=True, seed=0, num_threads=2)

@@ -38,17 +38,25 @@ IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tif
 
 class FolderSource:
   """ImageNet layout: root/<class>/<image>; classes sorted, label = class index. Hidden
-  files and folders (.ipynb_checkpoints, macOS's ._x.jpg) are neither classes nor images."""
+  files and folders (.ipynb_checkpoints, macOS's ._x.jpg) are neither classes nor images.
+  `classes`: the label order to use (the training split's, for its eval split, which may
+  lack some classes); a sub-folder not among them is an error."""
 
-  def __init__(self, root: str):
+  def __init__(self, root: str, classes: list | None = None):
     if not os.path.isdir(root):
       raise ValueError(f'image folder {root!r} not found')
-    self.classes = class_names(root)
+    present = class_names(root)
+    self.classes = present if classes is None else list(classes)
     if not self.classes:
       raise ValueError(f'image folder {root!r} has no class sub-folders')
+    unknown = sorted(set(present) - set(self.classes))
+    if unknown:
+      raise ValueError(f'image folder {root!r} has classes the training split lacks: '
+                       f'{", ".join(unknown[:5])}{" ..." if len(unknown) > 5 else ""}')
     self.items = []
     for label, c in enumerate(self.classes):
-      self.items += [(f, label) for f in image_files(os.path.join(root, c))]
+      if c in present:
+        self.items += [(f, label) for f in image_files(os.path.join(root, c))]
     if not self.items:
       raise ValueError(f'image folder {root!r} holds no images ({", ".join(IMG_EXTENSIONS)})')
 
@@ -138,7 +146,11 @@ def make_source(data_cfg, split: str = 'train', image_size: int | None = None):
     from var_jax.data import tokens
     return tokens.TokenSource(data_cfg.path, 'train' if split == 'train' else 'eval')
   if kind == 'folder':   # ImageNet's layout: path/train/<class>/..., path/val/<class>/...
-    return FolderSource(os.path.join(data_cfg.path, 'train' if split == 'train' else 'val'))
+    train = os.path.join(data_cfg.path, 'train')
+    if split == 'train':
+      return FolderSource(train)
+    return FolderSource(os.path.join(data_cfg.path, 'val'),   # labels as in training
+                        class_names(train) if os.path.isdir(train) else None)
   if kind == 'tfds':
     split_name = data_cfg.get('train_split', 'train') if split == 'train' else data_cfg.get('eval_split', 'validation')
     return TfdsSource(data_cfg.tfds_name, split_name, data_cfg.get('path') or None,
