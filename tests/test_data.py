@@ -140,6 +140,21 @@ def test_tfds_mock_data():
     assert sum(int(x['mask'].sum()) for x in ev) == 12
 
 
+def test_16bit_greyscale_keeps_its_top_8_bits(tmp_path):
+  """A 16-bit PNG (PIL mode I;16) decodes as its 8-bit image, not clipped to white."""
+  from var_jax.train import tokenize
+  v8 = np.random.default_rng(0).integers(0, 256, (20, 24), dtype=np.uint8)
+  Image.fromarray(v8.astype(np.uint16) * 257).save(tmp_path / 'deep.png')
+  deep = images.open_image({'path': str(tmp_path / 'deep.png')})
+  assert deep.mode.startswith('I')
+  want = augment.augment(Image.fromarray(v8), 16, train=False)
+  assert np.array_equal(augment.augment(deep, 16, train=False), want)
+  Image.fromarray(v8).save(tmp_path / 'grey.png')
+  crops = [tokenize.variants({'path': str(tmp_path / f)}, 16, mid_reso=1.125, crops=2, flip=True,
+                             seed=0, index=0) for f in ('deep.png', 'grey.png')]
+  assert np.array_equal(*crops)
+
+
 def test_augment_matches_torchvision_semantics():
   img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
   r = augment.resize_shorter(img, 18)

@@ -44,10 +44,19 @@ def random_crop(arr: np.ndarray, size: int, rng: np.random.Generator) -> np.ndar
   return arr[top:top + size, left:left + size]
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+  """The RGB image of any PIL mode. 16-bit greyscale (16-bit PNGs and TIFFs: modes I;16*,
+  or I) keeps its top 8 bits: PIL's convert('RGB') clips such values to 255, a white image."""
+  if img.mode == 'I' or img.mode.startswith('I;16'):
+    arr = np.asarray(img).astype(np.int64) >> 8
+    img = Image.fromarray(arr.clip(0, 255).astype(np.uint8), 'L')
+  return img.convert('RGB')
+
+
 def augment(img: Image.Image, final_reso: int, *, train: bool, rng: np.random.Generator | None = None,
             mid_reso: float = 1.125, hflip: bool = False) -> np.ndarray:
   """PIL image -> uint8 (final_reso, final_reso, 3)."""
-  img = img.convert('RGB')
+  img = to_rgb(img)
   if train:
     if rng is None:
       raise ValueError('train augmentation needs an rng')

@@ -42,7 +42,7 @@ def variants(record: Dict[str, Any], image_size: int, *, mid_reso: float, crops:
              seed: int, index: int) -> np.ndarray:
   """The (V, size, size, 3) uint8 crop variants of one source record (V = crops x (1 + flip)):
   variant 2k+1 is the mirror image of variant 2k when flipping."""
-  img = data_lib.open_image(record).convert('RGB')
+  img = augment.to_rgb(data_lib.open_image(record))
   arr = np.asarray(augment.resize_shorter(img, augment.mid_size(image_size, mid_reso)), np.uint8)
   out = []
   for k in range(crops):
