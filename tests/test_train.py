@@ -399,6 +399,36 @@ def test_tokenize_resumes_and_refuses_other_folders(t8, tokens_dir, tmp_path):
   assert os.listdir(mine) == ['notes.txt']
 
 
+def test_tokenize_refuses_to_resume_on_changed_images(tmp_path):
+  """A killed tokenize, rerun after its image folder changed, would encode the remaining
+  shards from another listing (images duplicated or dropped): refused, nothing touched."""
+  from PIL import Image
+  data = tmp_path / 'data'
+  for split, n in (('train', 12), ('val', 2)):
+    (data / split / 'cat').mkdir(parents=True)
+    for i in range(n):
+      Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(data / split / 'cat' / f'{i}.png')
+  c = tiny_config('--config.data.kind=folder', f'--config.data.path={data}')
+  out = tmp_path / 'tokens'
+  manifest = _tokenize(c, out)
+  want = {f: (out / f).read_bytes() for f in os.listdir(out)}
+  (out / 'manifest.json').write_text(json.dumps(dict(manifest, complete=False)))
+  (out / 'train-00001-of-00002.array_record').unlink()   # as a killed run leaves it
+  killed = {f: (out / f).read_bytes() for f in os.listdir(out)}
+  cat = data / 'train' / 'cat'
+  (cat / '0.png').rename(cat / 'z.png')
+  with pytest.raises(FileExistsError, match='other train images .as many, other files'):
+    _tokenize(c, out)
+  (cat / 'z.png').rename(cat / '0.png')
+  shutil.copy(cat / '0.png', cat / '00.png')
+  with pytest.raises(FileExistsError, match='other train images .12 then, 13 now'):
+    _tokenize(c, out)
+  assert {f: (out / f).read_bytes() for f in os.listdir(out)} == killed
+  (cat / '00.png').unlink()
+  assert _tokenize(c, out)['complete']   # the same images again: resumed
+  assert {f: (out / f).read_bytes() for f in os.listdir(out)} == want
+
+
 # --- hardening: damaged checkpoints, one metrics row per step, errors, faults -----------------
 def _rows(workdir):
   return [json.loads(line)['step'] for line in (pathlib.Path(workdir) / 'metrics.jsonl').open()]

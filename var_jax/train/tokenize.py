@@ -14,7 +14,8 @@ gets its centre crop. An unreadable image is stored with label -1 and skipped.
 
 Shards of `shard_size` images are encoded by the processes in turn (shard s by process
 s % process_count), each written to a temporary file and renamed when complete: a
-killed run, rerun with the same command, keeps the finished shards and redoes the rest.
+killed run, rerun with the same command, keeps the finished shards and redoes the rest
+(refused if the image folder changed meanwhile: the manifest holds a digest of its listing).
 The manifest is written first (with the settings and the tokenizer's fingerprint) and
 marked complete at the end. An --out folder that this command did not create, or that
 holds tokens made with other settings, is refused: nothing is overwritten.
@@ -22,6 +23,7 @@ holds tokens made with other settings, is refused: nothing is overwritten.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import os
 import time
 from typing import Any, Dict, List, Tuple
@@ -151,6 +153,8 @@ def _prepare(out: str, want: Dict[str, Any], vae_cfg, sources, V: int) -> Dict[s
     diff = sorted(k for k in want if old.get('job', {}).get(k) != want[k])
     raise FileExistsError(f'{out} holds tokens made with other settings ({", ".join(diff)}); '
                           'choose another --out (nothing was changed)')
+  if old is not None and not old.get('complete'):
+    _check_same_data(out, old, sources)
   if old is None and os.path.isdir(out) and os.listdir(out):
     raise FileExistsError(f'{out} exists and was not made by var-jax tokenize; choose another '
                           '--out (nothing was changed)')
@@ -167,12 +171,35 @@ def _prepare(out: str, want: Dict[str, Any], vae_cfg, sources, V: int) -> Dict[s
   return tokens_lib.read_manifest(out)
 
 
+def listing(source) -> str | None:
+  """A digest of an image folder's files and labels (None for other sources, whose
+  order is fixed): shard s holds images [s x shard_size, ...) of this listing."""
+  if not isinstance(source, data_lib.FolderSource):
+    return None
+  text = '\n'.join(f'{label}\t{p}' for p, label in source.items)
+  return hashlib.sha256(text.encode('utf-8', 'surrogateescape')).hexdigest()
+
+
+def _check_same_data(out: str, old: Dict[str, Any], sources) -> None:
+  """FileExistsError if the images changed since the unfinished run in `out` began:
+  resuming would index the remaining shards into another listing (images duplicated
+  or dropped, and a record count the manifest does not match)."""
+  for split, source in sources.items():
+    info = old['splits'].get(split, {})
+    was, now = info.get('num_images'), len(source)
+    if was != now or info.get('listing', listing(source)) != listing(source):
+      what = f'{was} then, {now} now' if was != now else 'as many, other files'
+      raise FileExistsError(f'{out} was started on other {split} images ({what}): restore '
+                            'them, or choose another --out (nothing was changed)')
+
+
 def _new_manifest(want, vae_cfg, sources, V: int) -> Dict[str, Any]:
   splits = {}
   for split, source in sources.items():
     n, per = len(source), want['shard_size']
     count = -(-n // per)
     splits[split] = {'num_images': n, 'variants': V if split == 'train' else 1,
+                     'listing': listing(source),
                      'shards': [{'file': tokens_lib.shard_name(split, i, count)} for i in range(count)]}
   num_classes = getattr(sources.get('train'), 'num_classes', None)
   return {'format': tokens_lib.FORMAT, 'version': tokens_lib.VERSION, 'complete': False,
