@@ -97,6 +97,18 @@ def test_corrupt_image_is_skipped_and_counted(folder):
   assert sorted(labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
 
 
+def test_a_folder_of_unreadable_images_is_an_error_not_a_hang(tmp_path):
+  """Every image corrupt: the endless training stream would filter forever; an error
+  once twice the data set failed in a row (3 epochs here, so the old code ended instead)."""
+  (tmp_path / 'cat').mkdir()
+  for i in range(5):
+    (tmp_path / 'cat' / f'{i}.jpg').write_bytes(b'not a jpeg')
+  it = images.make_pipeline(images.FolderSource(str(tmp_path)), global_batch_size=2, image_size=16,
+                            train=True, seed=0, num_epochs=3, num_threads=1)
+  with pytest.raises(OSError, match='none of the last 10 training examples could be read'):
+    next(it)
+
+
 def test_order_is_seeded_and_state_resumes(folder):
   src = images.FolderSource(str(folder / 'train'))
   mk = lambda seed: images.make_pipeline(src, global_batch_size=4, image_size=16, train=True,

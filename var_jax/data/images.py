@@ -234,15 +234,22 @@ def _hwc3(a: np.ndarray) -> np.ndarray:
 
 
 class CountBad(grain.transforms.Filter):
-  """Drops examples that failed to load and counts them (main process)."""
+  """Drops examples that failed to load and counts them (main process). `limit`
+  failures in a row (twice the data set: every image is unreadable) raise OSError,
+  where the endless training stream would otherwise be filtered forever."""
 
-  def __init__(self):
-    self.count = 0
+  def __init__(self, limit: int = 0):
+    self.count, self.in_a_row, self.limit = 0, 0, limit
 
   def filter(self, x) -> bool:
     if x['ok']:
+      self.in_a_row = 0
       return True
     self.count += 1
+    self.in_a_row += 1
+    if self.limit and self.in_a_row >= self.limit:
+      raise OSError(f'none of the last {self.in_a_row} training examples could be read '
+                    '(twice the data set): every image is unreadable')
     return False
 
 
@@ -300,7 +307,7 @@ def make_pipeline(source, *, global_batch_size: int, image_size: int, train: boo
   it_ds = worker_processes(it_ds, worker_count)
   counter = None
   if train:
-    counter = CountBad()
+    counter = CountBad(2 * len(source))
     it_ds = it_ds.filter(counter)
   it_ds = it_ds.batch(lb, drop_remainder=train).map(lambda b: _finish(b) | (
       {} if train else {'ok': b['ok']}))

@@ -175,7 +175,7 @@ def make_pipeline(source: TokenSource, *, global_batch_size: int, train: bool, s
   it_ds = images.worker_processes(it_ds, worker_count)
   counter = None
   if train:
-    counter = images.CountBad()
+    counter = images.CountBad(2 * len(source))
     it_ds = it_ds.filter(counter)
   it_ds = it_ds.batch(lb, drop_remainder=train).map(lambda b: _finish(b, train))
   return images.ImagePipeline(it_ds, counter)
