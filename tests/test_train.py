@@ -429,6 +429,23 @@ def test_tokenize_refuses_to_resume_on_changed_images(tmp_path):
   assert {f: (out / f).read_bytes() for f in os.listdir(out)} == want
 
 
+def test_tokenize_names_an_unreadable_image_by_its_path(tmp_path):
+  from PIL import Image
+  cat = tmp_path / 'data' / 'train' / 'cat'
+  cat.mkdir(parents=True)
+  (tmp_path / 'data' / 'val' / 'cat').mkdir(parents=True)
+  for i in range(3):
+    Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(cat / f'{i}.png')
+  shutil.copy(cat / '0.png', tmp_path / 'data' / 'val' / 'cat')
+  (cat / '1.png').write_bytes((cat / '1.png').read_bytes()[:45])   # truncated: PIL's error names no file
+  said = []
+  c = tiny_config('--config.data.kind=folder', f'--config.data.path={tmp_path / "data"}')
+  tokenize.tokenize(c, str(tmp_path / 'tokens'), shard_size=6, batch_size=4, log=said.append)
+  skipped = [m for m in said if 'unreadable' in m]
+  assert len(skipped) == 1 and skipped[0].startswith(
+      f'[tokenize] skipping unreadable image {cat / "1.png"}: OSError')
+
+
 # --- hardening: damaged checkpoints, one metrics row per step, errors, faults -----------------
 def _rows(workdir):
   return [json.loads(line)['step'] for line in (pathlib.Path(workdir) / 'metrics.jsonl').open()]

@@ -114,7 +114,8 @@ def tokenize(config, out: str, *, crops: int = 1, flip: bool | None = None, shar
                  else centre(rec, size, mid_reso=want['mid_reso']))
           return int(rec['label']), arr
         except Exception as e:   # unreadable image: label -1, skipped by the pipeline
-          log(f'[tokenize] skipping unreadable image #{i}: {type(e).__name__}: {e}')
+          where = (source.items[i][0] if isinstance(source, data_lib.FolderSource) else f'#{i}')
+          log(f'[tokenize] skipping unreadable image {where}: {type(e).__name__}: {e}')
           return -1, None
 
       records = []
