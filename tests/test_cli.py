@@ -101,6 +101,17 @@ def test_npz_out_keeps_user_files_and_replaces_only_its_own(ckpt, tmp_path, monk
 
 
 @pytest.mark.slow
+def test_npz_out_with_grid_max_0(ckpt, tmp_path, capsys):
+  """--grid-max 0 writes no grid; the .npz run still completes and cleans up."""
+  assert sample(ckpt, '--labels', '1,2,3', '--batch-size', 2, '--top-k', 5, '--top-p', 0,
+                '--grid-max', 0, '--out', tmp_path / 'g.png', '--npz-out', tmp_path / 's.npz') == 0
+  assert 'no grid' in capsys.readouterr().out
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['s.npz']
+  with np.load(tmp_path / 's.npz') as z:
+    assert z['arr_0'].shape == (3, 64, 64, 3)
+
+
+@pytest.mark.slow
 def test_reconstruct(ckpt, tmp_path):
   fx = get_fixture(FX)
   paths = []

@@ -222,7 +222,7 @@ def _run(args) -> int:
       if args.tokens_out:
         for k in range(K):
           tokens[f'idx_{k}'].append(chunk[f'idx_{k}'])
-    _write_outputs(args, io_utils, np.concatenate(grid_images), tokens)
+    _write_outputs(args, io_utils, grid_images, tokens)
     run.cleanup()
     print(f'{n} samples -> {args.npz_out} (arr_0 uint8 {(n, size, size, 3)})')
   else:
@@ -236,13 +236,18 @@ def _run(args) -> int:
         bar.update(1)
     print(f'sampling: {rate.report()}', file=sys.stderr)
     tokens = {f'idx_{k}': [c[f'idx_{k}'] for c in chunks] for k in range(K)}
-    _write_outputs(args, io_utils, np.concatenate([c['images'] for c in chunks]), tokens)
-  print(f'grid of {min(n, args.grid_max)} samples -> {args.out}')
+    _write_outputs(args, io_utils, [c['images'] for c in chunks], tokens)
+  if args.grid_max:
+    print(f'grid of {min(n, args.grid_max)} samples -> {args.out}')
+  else:
+    print(f'no grid (--grid-max 0): {args.out} not written')
   return 0
 
 
 def _write_outputs(args, io_utils, images, tokens):
-  shown = images[:args.grid_max]
+  """The grid of the first --grid-max images (none for 0) and --tokens-out; `images` is
+  a list of uint8 NHWC chunks."""
+  shown = np.concatenate(images)[:args.grid_max] if images else ()
   if len(shown):
     io_utils.save_png(args.out, io_utils.make_grid(shown, nrow=8))
   if args.tokens_out:
