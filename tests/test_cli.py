@@ -101,6 +101,29 @@ def test_npz_out_keeps_user_files_and_replaces_only_its_own(ckpt, tmp_path, monk
 
 
 @pytest.mark.slow
+def test_npz_resume_refuses_a_replaced_checkpoint(ckpt, tmp_path, capsys):
+  """A partial --npz-out run is not continued with other weights saved at the same path
+  (it would mix two models' images in one file)."""
+  import shutil
+
+  import jax
+
+  from var_jax.pipeline import load
+  mine = tmp_path / 'ckpt'
+  shutil.copytree(ckpt, mine)
+  common = ['--labels', '1,2,3', '--batch-size', 2, '--top-k', 5, '--top-p', 0,
+            '--out', tmp_path / 'g.png', '--npz-out', tmp_path / 's.npz']
+  assert sample(mine, *common, '--stop-after-chunks', 1) == 0
+  pipe = load(mine)
+  pipe.var_params = jax.tree_util.tree_map(lambda a: a * 1.5, pipe.var_params)
+  pipe.save(mine, force=True)
+  capsys.readouterr()
+  assert sample(mine, *common) == 2
+  assert 'checkpoint_sha256' in capsys.readouterr().err
+  assert not (tmp_path / 's.npz').exists()
+
+
+@pytest.mark.slow
 def test_npz_out_with_grid_max_0(ckpt, tmp_path, capsys):
   """--grid-max 0 writes no grid; the .npz run still completes and cleans up."""
   assert sample(ckpt, '--labels', '1,2,3', '--batch-size', 2, '--top-k', 5, '--top-p', 0,
