@@ -136,3 +136,15 @@ def test_missing_checkpoint(photo, tmp_path, capsys):
   assert run_edit(tmp_path / 'nope', photo, '--box', '0.1,0.1,0.8,0.8', '--out',
                   tmp_path / 'g.png') == 1
   assert 'checkpoint directory not found' in capsys.readouterr().err
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+  """A 16-bit grey PNG (a mask or a photo) reads as its 8-bit values, not as white
+  wherever it exceeds 255 (PIL's own conversion clips)."""
+  v8 = np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) % 256
+  path = tmp_path / 'grey16.png'
+  Image.fromarray((v8 * 257).astype(np.uint16)).save(path)
+  assert Image.open(path).mode.startswith('I')
+  np.testing.assert_array_equal(io_utils.read_image(path, 'L'), v8)
+  np.testing.assert_array_equal(io_utils.read_image(path), np.repeat(v8[..., None], 3, -1))
+  np.testing.assert_allclose(io_utils.load_image(path, 64)[..., 0], v8 / 127.5 - 1, atol=1e-6)

@@ -58,12 +58,25 @@ def save_png(path: str | os.PathLike, image_HWC: np.ndarray) -> None:
     Image.fromarray(np.asarray(image_HWC, np.uint8)).save(f, format='PNG')
 
 
+def _eight_bit(im, path):
+  """`im` in an 8-bit mode: 16-bit greys (PNG, TIFF: modes I;16*, I) scaled to 0..255, as
+  viewers show them (PIL's convert would clip every value above 255 to white)."""
+  from PIL import Image
+  if im.mode.startswith('I;16') or im.mode == 'I':
+    v = np.asarray(im, np.float64) / 257
+    return Image.fromarray(np.clip(np.round(v), 0, 255).astype(np.uint8), 'L')
+  if im.mode == 'F':
+    raise ValueError(f'{path} holds floating-point pixels; save it as an 8- or 16-bit image')
+  return im
+
+
 def read_image(path: str | os.PathLike, mode: str = 'RGB') -> np.ndarray:
-  """An image file as uint8 (H, W, 3) for mode 'RGB' or (H, W) for 'L', at its own size."""
+  """An image file as uint8 (H, W, 3) for mode 'RGB' or (H, W) for 'L', at its own size
+  (16-bit images scaled to 8 bits)."""
   from PIL import Image
   try:
     with Image.open(path) as im:
-      return np.asarray(im.convert(mode), np.uint8)
+      return np.asarray(_eight_bit(im, path).convert(mode), np.uint8)
   except FileNotFoundError:
     raise
   except OSError as e:
@@ -72,11 +85,11 @@ def read_image(path: str | os.PathLike, mode: str = 'RGB') -> np.ndarray:
 
 def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
   """An RGB image resized (shorter side, Lanczos) and centre-cropped to size x size,
-  as float32 HWC in [-1, 1]."""
+  as float32 HWC in [-1, 1] (16-bit images scaled to 8 bits first)."""
   from PIL import Image
   try:
     with Image.open(path) as im:
-      im = im.convert('RGB')
+      im = _eight_bit(im, path).convert('RGB')
       w, h = im.size
       s = size / min(w, h)
       nw, nh = max(size, round(w * s)), max(size, round(h * s))
