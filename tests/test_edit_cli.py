@@ -148,3 +148,23 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
   np.testing.assert_array_equal(io_utils.read_image(path, 'L'), v8)
   np.testing.assert_array_equal(io_utils.read_image(path), np.repeat(v8[..., None], 3, -1))
   np.testing.assert_allclose(io_utils.load_image(path, 64)[..., 0], v8 / 127.5 - 1, atol=1e-6)
+
+
+@pytest.mark.parametrize('suffix', ['png', 'jpg'])
+def test_exif_orientation_is_applied(tmp_path, suffix):
+  """A camera's photo stored sideways with an EXIF orientation is read as viewers show
+  it (where a --mask or --box drawn on it lines up), and so is a wide one resized."""
+  stored = np.zeros((64, 48, 3), np.uint8)
+  stored[:16] = 255                                   # a white band at the stored top
+  im = Image.fromarray(stored)
+  exif = im.getexif()
+  exif[0x0112] = 6                                    # display rotated 90 degrees clockwise
+  path = tmp_path / f'photo.{suffix}'
+  im.save(path, exif=exif, quality=95)
+  seen = io_utils.read_image(path)
+  assert seen.shape == (48, 64, 3)                    # as shown: wider than tall
+  assert seen[:, -16:].mean() > 240 and seen[:, :-16].mean() < 15   # the band on the right
+  grey = io_utils.read_image(path, 'L')
+  assert grey.shape == (48, 64) and grey[:, -16:].mean() > 240
+  x = io_utils.load_image(path, 48)                  # shorter side 48: a centre crop
+  assert x[:, -8:].mean() > 0.9 and x[:, :16].mean() < -0.9

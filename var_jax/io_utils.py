@@ -70,13 +70,20 @@ def _eight_bit(im, path):
   return im
 
 
+def _as_seen(im, path):
+  """`im` as image viewers show it, in an 8-bit mode: turned by its EXIF orientation (a
+  camera's photo stored sideways), so that a mask or box drawn on it lines up."""
+  from PIL import ImageOps
+  return _eight_bit(ImageOps.exif_transpose(im), path)
+
+
 def read_image(path: str | os.PathLike, mode: str = 'RGB') -> np.ndarray:
   """An image file as uint8 (H, W, 3) for mode 'RGB' or (H, W) for 'L', at its own size
-  (16-bit images scaled to 8 bits)."""
+  as viewers show it (EXIF orientation applied, 16-bit images scaled to 8 bits)."""
   from PIL import Image
   try:
     with Image.open(path) as im:
-      return np.asarray(_eight_bit(im, path).convert(mode), np.uint8)
+      return np.asarray(_as_seen(im, path).convert(mode), np.uint8)
   except FileNotFoundError:
     raise
   except OSError as e:
@@ -85,11 +92,11 @@ def read_image(path: str | os.PathLike, mode: str = 'RGB') -> np.ndarray:
 
 def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
   """An RGB image resized (shorter side, Lanczos) and centre-cropped to size x size,
-  as float32 HWC in [-1, 1] (16-bit images scaled to 8 bits first)."""
+  as float32 HWC in [-1, 1] (as viewers show it: see read_image)."""
   from PIL import Image
   try:
     with Image.open(path) as im:
-      im = _eight_bit(im, path).convert('RGB')
+      im = _as_seen(im, path).convert('RGB')
       w, h = im.size
       s = size / min(w, h)
       nw, nh = max(size, round(w * s)), max(size, round(h * s))
