@@ -168,3 +168,25 @@ def test_exif_orientation_is_applied(tmp_path, suffix):
   assert grey.shape == (48, 64) and grey[:, -16:].mean() > 240
   x = io_utils.load_image(path, 48)                  # shorter side 48: a centre crop
   assert x[:, -8:].mean() > 0.9 and x[:, :16].mean() < -0.9
+
+
+def test_transparent_images_are_refused(tmp_path):
+  """The colours under transparent pixels are not what a viewer shows: an image (or
+  mask) with any is refused in one line instead of having its alpha dropped; fully
+  opaque RGBA and palette images read as their colours."""
+  rgba = np.zeros((64, 64, 4), np.uint8)
+  rgba[16:48, 16:48] = 255                          # a white square on transparent black
+  Image.fromarray(rgba, 'RGBA').save(tmp_path / 'cutout.png')
+  pal = Image.fromarray(rgba[..., :3]).convert('P')
+  pal.save(tmp_path / 'pal.png', transparency=int(np.asarray(pal)[0, 0]))
+  for name in ('cutout.png', 'pal.png'):
+    for mode in ('RGB', 'L'):
+      with pytest.raises(ValueError, match='has transparent pixels'):
+        io_utils.read_image(tmp_path / name, mode)
+    with pytest.raises(ValueError, match='has transparent pixels'):
+      io_utils.load_image(tmp_path / name, 64)
+  rgba[..., 3] = 255
+  Image.fromarray(rgba, 'RGBA').save(tmp_path / 'opaque.png')
+  np.testing.assert_array_equal(io_utils.read_image(tmp_path / 'opaque.png'), rgba[..., :3])
+  pal.save(tmp_path / 'opaque_pal.png')
+  np.testing.assert_array_equal(io_utils.read_image(tmp_path / 'opaque_pal.png'), rgba[..., :3])

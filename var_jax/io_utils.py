@@ -70,11 +70,24 @@ def _eight_bit(im, path):
   return im
 
 
+def _opaque(im, path):
+  """`im` if no pixel is transparent, else ValueError: the colours stored under transparent
+  pixels (often black, or anything) are not what a viewer shows, and dropping the alpha
+  channel would silently edit or encode them."""
+  if im.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in im.info:
+    alpha = np.asarray(im.convert('RGBA'))[..., 3]
+    if alpha.min() < 255:
+      raise ValueError(f'{path} has transparent pixels ({int((alpha < 255).sum())} of '
+                       f'{alpha.size}); flatten it onto a background first')
+  return im
+
+
 def _as_seen(im, path):
   """`im` as image viewers show it, in an 8-bit mode: turned by its EXIF orientation (a
-  camera's photo stored sideways), so that a mask or box drawn on it lines up."""
+  camera's photo stored sideways), so that a mask or box drawn on it lines up; images
+  with transparent pixels are refused (`_opaque`)."""
   from PIL import ImageOps
-  return _eight_bit(ImageOps.exif_transpose(im), path)
+  return _opaque(_eight_bit(ImageOps.exif_transpose(im), path), path)
 
 
 def read_image(path: str | os.PathLike, mode: str = 'RGB') -> np.ndarray:
