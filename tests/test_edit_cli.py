@@ -95,7 +95,21 @@ def _write_inputs(tmp_path):
       'mask_black': save_mask(tmp_path / 'black.png', np.zeros((64, 64))),
       'mask_white': save_mask(tmp_path / 'white.png', np.ones((4, 4))),
       'mask_speck': save_mask(tmp_path / 'speck.png', np.pad(np.ones((7, 7)), ((0, 57), (0, 57)))),
+      'garbage': _write(tmp_path / 'garbage.png', b'not an image'),
+      'cutout': _cutout(tmp_path / 'cutout.png'),
   }
+
+
+def _write(path, data):
+  path.write_bytes(data)
+  return path
+
+
+def _cutout(path):
+  rgba = np.zeros((64, 64, 4), np.uint8)
+  rgba[:32] = 255                                  # white, opaque top half; transparent below
+  Image.fromarray(rgba, 'RGBA').save(path)
+  return path
 
 
 @pytest.mark.parametrize('args,code,message', [
@@ -117,6 +131,10 @@ def _write_inputs(tmp_path):
     (['--box', '0.1,0.1,0.8,0.8', '--top-p', '1'], 2, '--top-p must be in [0, 1)'),
     (['--box', '0.1,0.1,0.8,0.8', '--image', 'absent.png'], 1, 'image not found'),
     (['--mask', 'absent.png'], 1, 'mask not found'),
+    (['--box', '0.1,0.1,0.8,0.8', '--image', 'garbage'], 1, 'cannot read image'),
+    (['--mask', 'garbage'], 1, 'cannot read image'),
+    (['--box', '0.1,0.1,0.8,0.8', '--image', 'cutout'], 1, 'cutout.png has transparent pixels'),
+    (['--mask', 'cutout'], 1, 'cutout.png has transparent pixels'),
 ])
 def test_bad_inputs_are_one_line(ckpt, photo, tmp_path, capsys, args, code, message):
   files = _write_inputs(tmp_path)
