@@ -208,3 +208,23 @@ def test_transparent_images_are_refused(tmp_path):
   np.testing.assert_array_equal(io_utils.read_image(tmp_path / 'opaque.png'), rgba[..., :3])
   pal.save(tmp_path / 'opaque_pal.png')
   np.testing.assert_array_equal(io_utils.read_image(tmp_path / 'opaque_pal.png'), rgba[..., :3])
+
+
+def test_out_never_replaces_the_input_even_with_force(ckpt, photo, tmp_path, capsys):
+  """--out / --tokens-out naming --image or --mask is refused, --force or not (the grid
+  would replace the photo being edited); reconstruct likewise for its --images."""
+  import shutil
+  image = shutil.copy(photo, tmp_path / 'photo.png')
+  mask = save_mask(tmp_path / 'm.png', 1 - edit.box_mask(4, .1, .1, .8, .8))
+  before = (image.read_bytes(), mask.read_bytes())
+  for out in ('--out', '--tokens-out'):
+    for victim in (image, mask):
+      other = tmp_path / ('t.npz' if out == '--out' else 'g.png')
+      rc = run_edit(ckpt, image, '--mask', mask, *GREEDY, out, victim,
+                    '--tokens-out' if out == '--out' else '--out', other, '--force')
+      err = capsys.readouterr().err
+      assert rc == 2 and 'file this command reads' in err and err.count('\n') == 1, err
+  rc = cli.main(['reconstruct', '--checkpoint', str(ckpt), '--images', str(photo), str(image),
+                 '--out', str(image), '--force'])
+  assert rc == 2 and 'is the --images file this command reads' in capsys.readouterr().err
+  assert (image.read_bytes(), mask.read_bytes()) == before

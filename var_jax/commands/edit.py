@@ -71,6 +71,7 @@ def _check_args(args) -> None:
   from var_jax import safe_io
   outputs = {'--out': args.out, '--tokens-out': args.tokens_out}
   safe_io.check_distinct(outputs)
+  safe_io.check_not_inputs(outputs, {'--image': args.image, '--mask': args.mask})
   for flag, path in outputs.items():
     safe_io.check_output(path, force=args.force, flag=flag)
   if not os.path.isdir(args.checkpoint):
