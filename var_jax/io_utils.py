@@ -232,7 +232,13 @@ class ChunkedRun:
       return z[key] if key is not None else {k: z[k] for k in z.files}
 
   def cleanup(self) -> None:
-    shutil.rmtree(self.dir, ignore_errors=True)
+    """Removes the folder: renamed first to `.<out>.tmp-<pid>` (atomic), so that a run
+    stopped while deleting thousands of chunks leaves no manifest-less `.parts` folder
+    (refused by every later run) but a temporary that the next run's
+    safe_io.check_output(out) sweeps."""
+    trash = self.out.with_name(f'.{self.out.name}.tmp-{os.getpid()}')
+    os.replace(self.dir, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def pipelined(indices: Iterable[int], start: Callable[[int], Any], finish: Callable[[Any], Any]):
