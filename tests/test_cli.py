@@ -1,4 +1,6 @@
 """`var-jax convert / sample / reconstruct` end to end on tiny4, through var_jax.cli.main."""
+import pathlib
+
 import numpy as np
 import pytest
 from conftest import get_fixture
@@ -101,6 +103,40 @@ def test_npz_out_keeps_user_files_and_replaces_only_its_own(ckpt, tmp_path, monk
 
 
 @pytest.mark.slow
+def test_npz_resume_refuses_a_replaced_checkpoint(ckpt, tmp_path, capsys):
+  """A partial --npz-out run is not continued with other weights saved at the same path
+  (it would mix two models' images in one file)."""
+  import shutil
+
+  import jax
+
+  from var_jax.pipeline import load
+  mine = tmp_path / 'ckpt'
+  shutil.copytree(ckpt, mine)
+  common = ['--labels', '1,2,3', '--batch-size', 2, '--top-k', 5, '--top-p', 0,
+            '--out', tmp_path / 'g.png', '--npz-out', tmp_path / 's.npz']
+  assert sample(mine, *common, '--stop-after-chunks', 1) == 0
+  pipe = load(mine)
+  pipe.var_params = jax.tree_util.tree_map(lambda a: a * 1.5, pipe.var_params)
+  pipe.save(mine, force=True)
+  capsys.readouterr()
+  assert sample(mine, *common) == 2
+  assert 'checkpoint_sha256' in capsys.readouterr().err
+  assert not (tmp_path / 's.npz').exists()
+
+
+@pytest.mark.slow
+def test_npz_out_with_grid_max_0(ckpt, tmp_path, capsys):
+  """--grid-max 0 writes no grid; the .npz run still completes and cleans up."""
+  assert sample(ckpt, '--labels', '1,2,3', '--batch-size', 2, '--top-k', 5, '--top-p', 0,
+                '--grid-max', 0, '--out', tmp_path / 'g.png', '--npz-out', tmp_path / 's.npz') == 0
+  assert 'no grid' in capsys.readouterr().out
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['s.npz']
+  with np.load(tmp_path / 's.npz') as z:
+    assert z['arr_0'].shape == (3, 64, 64, 3)
+
+
+@pytest.mark.slow
 def test_reconstruct(ckpt, tmp_path):
   fx = get_fixture(FX)
   paths = []
@@ -189,3 +225,31 @@ def test_console_command_turns_on_the_compilation_cache(tmp_path, monkeypatch):
   assert cli.main() == 2 and calls == [1]          # the console path (argv from sys.argv)
   assert cli.main(['demo', '--per-class', '0']) == 2 and calls == [1]
   assert jax.config.jax_compilation_cache_dir == before
+
+
+@pytest.mark.slow
+def test_npz_run_stopped_while_removing_its_parts(ckpt, tmp_path, monkeypatch, capsys):
+  """Ctrl-C while the finished run deletes its parts folder (thousands of chunks in a real
+  run) leaves the outputs complete and nothing that blocks the next command: a rerun
+  says the .npz exists, --force starts over, and no leftover remains."""
+  import shutil
+  common = ['--labels', '1,2,3', '--batch-size', 2, '--top-k', 5, '--top-p', 0,
+            '--out', tmp_path / 'g.png', '--npz-out', tmp_path / 's.npz']
+  rmtree = shutil.rmtree
+
+  def stopped(path, *a, **kw):   # the manifest goes first, then Ctrl-C
+    for p in sorted(pathlib.Path(path).iterdir(), key=lambda p: p.name != 'manifest.json')[:2]:
+      p.unlink()
+    raise KeyboardInterrupt
+  monkeypatch.setattr(io_utils.shutil, 'rmtree', stopped)
+  assert sample(ckpt, *common) == 130
+  monkeypatch.setattr(io_utils.shutil, 'rmtree', rmtree)
+  with np.load(tmp_path / 's.npz') as z:
+    first = z['arr_0']
+  capsys.readouterr()
+  assert sample(ckpt, *common) == 1
+  assert 'exists; refusing to overwrite' in capsys.readouterr().err
+  assert sample(ckpt, *common, '--force') == 0
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['g.png', 's.npz']
+  with np.load(tmp_path / 's.npz') as z:
+    np.testing.assert_array_equal(z['arr_0'], first)

@@ -95,7 +95,21 @@ def _write_inputs(tmp_path):
       'mask_black': save_mask(tmp_path / 'black.png', np.zeros((64, 64))),
       'mask_white': save_mask(tmp_path / 'white.png', np.ones((4, 4))),
       'mask_speck': save_mask(tmp_path / 'speck.png', np.pad(np.ones((7, 7)), ((0, 57), (0, 57)))),
+      'garbage': _write(tmp_path / 'garbage.png', b'not an image'),
+      'cutout': _cutout(tmp_path / 'cutout.png'),
   }
+
+
+def _write(path, data):
+  path.write_bytes(data)
+  return path
+
+
+def _cutout(path):
+  rgba = np.zeros((64, 64, 4), np.uint8)
+  rgba[:32] = 255                                  # white, opaque top half; transparent below
+  Image.fromarray(rgba, 'RGBA').save(path)
+  return path
 
 
 @pytest.mark.parametrize('args,code,message', [
@@ -117,6 +131,10 @@ def _write_inputs(tmp_path):
     (['--box', '0.1,0.1,0.8,0.8', '--top-p', '1'], 2, '--top-p must be in [0, 1)'),
     (['--box', '0.1,0.1,0.8,0.8', '--image', 'absent.png'], 1, 'image not found'),
     (['--mask', 'absent.png'], 1, 'mask not found'),
+    (['--box', '0.1,0.1,0.8,0.8', '--image', 'garbage'], 1, 'cannot read image'),
+    (['--mask', 'garbage'], 1, 'cannot read image'),
+    (['--box', '0.1,0.1,0.8,0.8', '--image', 'cutout'], 1, 'cutout.png has transparent pixels'),
+    (['--mask', 'cutout'], 1, 'cutout.png has transparent pixels'),
 ])
 def test_bad_inputs_are_one_line(ckpt, photo, tmp_path, capsys, args, code, message):
   files = _write_inputs(tmp_path)
@@ -136,3 +154,77 @@ def test_missing_checkpoint(photo, tmp_path, capsys):
   assert run_edit(tmp_path / 'nope', photo, '--box', '0.1,0.1,0.8,0.8', '--out',
                   tmp_path / 'g.png') == 1
   assert 'checkpoint directory not found' in capsys.readouterr().err
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+  """A 16-bit grey PNG (a mask or a photo) reads as its 8-bit values, not as white
+  wherever it exceeds 255 (PIL's own conversion clips)."""
+  v8 = np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) % 256
+  path = tmp_path / 'grey16.png'
+  Image.fromarray((v8 * 257).astype(np.uint16)).save(path)
+  assert Image.open(path).mode.startswith('I')
+  np.testing.assert_array_equal(io_utils.read_image(path, 'L'), v8)
+  np.testing.assert_array_equal(io_utils.read_image(path), np.repeat(v8[..., None], 3, -1))
+  np.testing.assert_allclose(io_utils.load_image(path, 64)[..., 0], v8 / 127.5 - 1, atol=1e-6)
+
+
+@pytest.mark.parametrize('suffix', ['png', 'jpg'])
+def test_exif_orientation_is_applied(tmp_path, suffix):
+  """A camera's photo stored sideways with an EXIF orientation is read as viewers show
+  it (where a --mask or --box drawn on it lines up), and so is a wide one resized."""
+  stored = np.zeros((64, 48, 3), np.uint8)
+  stored[:16] = 255                                   # a white band at the stored top
+  im = Image.fromarray(stored)
+  exif = im.getexif()
+  exif[0x0112] = 6                                    # display rotated 90 degrees clockwise
+  path = tmp_path / f'photo.{suffix}'
+  im.save(path, exif=exif, quality=95)
+  seen = io_utils.read_image(path)
+  assert seen.shape == (48, 64, 3)                    # as shown: wider than tall
+  assert seen[:, -16:].mean() > 240 and seen[:, :-16].mean() < 15   # the band on the right
+  grey = io_utils.read_image(path, 'L')
+  assert grey.shape == (48, 64) and grey[:, -16:].mean() > 240
+  x = io_utils.load_image(path, 48)                  # shorter side 48: a centre crop
+  assert x[:, -8:].mean() > 0.9 and x[:, :16].mean() < -0.9
+
+
+def test_transparent_images_are_refused(tmp_path):
+  """The colours under transparent pixels are not what a viewer shows: an image (or
+  mask) with any is refused in one line instead of having its alpha dropped; fully
+  opaque RGBA and palette images read as their colours."""
+  rgba = np.zeros((64, 64, 4), np.uint8)
+  rgba[16:48, 16:48] = 255                          # a white square on transparent black
+  Image.fromarray(rgba, 'RGBA').save(tmp_path / 'cutout.png')
+  pal = Image.fromarray(rgba[..., :3]).convert('P')
+  pal.save(tmp_path / 'pal.png', transparency=int(np.asarray(pal)[0, 0]))
+  for name in ('cutout.png', 'pal.png'):
+    for mode in ('RGB', 'L'):
+      with pytest.raises(ValueError, match='has transparent pixels'):
+        io_utils.read_image(tmp_path / name, mode)
+    with pytest.raises(ValueError, match='has transparent pixels'):
+      io_utils.load_image(tmp_path / name, 64)
+  rgba[..., 3] = 255
+  Image.fromarray(rgba, 'RGBA').save(tmp_path / 'opaque.png')
+  np.testing.assert_array_equal(io_utils.read_image(tmp_path / 'opaque.png'), rgba[..., :3])
+  pal.save(tmp_path / 'opaque_pal.png')
+  np.testing.assert_array_equal(io_utils.read_image(tmp_path / 'opaque_pal.png'), rgba[..., :3])
+
+
+def test_out_never_replaces_the_input_even_with_force(ckpt, photo, tmp_path, capsys):
+  """--out / --tokens-out naming --image or --mask is refused, --force or not (the grid
+  would replace the photo being edited); reconstruct likewise for its --images."""
+  import shutil
+  image = shutil.copy(photo, tmp_path / 'photo.png')
+  mask = save_mask(tmp_path / 'm.png', 1 - edit.box_mask(4, .1, .1, .8, .8))
+  before = (image.read_bytes(), mask.read_bytes())
+  for out in ('--out', '--tokens-out'):
+    for victim in (image, mask):
+      other = tmp_path / ('t.npz' if out == '--out' else 'g.png')
+      rc = run_edit(ckpt, image, '--mask', mask, *GREEDY, out, victim,
+                    '--tokens-out' if out == '--out' else '--out', other, '--force')
+      err = capsys.readouterr().err
+      assert rc == 2 and 'file this command reads' in err and err.count('\n') == 1, err
+  rc = cli.main(['reconstruct', '--checkpoint', str(ckpt), '--images', str(photo), str(image),
+                 '--out', str(image), '--force'])
+  assert rc == 2 and 'is the --images file this command reads' in capsys.readouterr().err
+  assert (image.read_bytes(), mask.read_bytes()) == before

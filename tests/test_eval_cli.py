@@ -277,3 +277,18 @@ def test_cli_prints_and_writes_metrics(tmp_path, monkeypatch, capsys):
   assert (out.parent / 'r.var_jax_ref_stats.npz').exists()  # the cache beside --out
   assert cli.main(argv) == 1  # the metrics file is not overwritten without --force
   assert cli.main(argv + ['--force', '--no-cache']) == 0
+
+
+def test_out_never_replaces_an_input_even_with_force(tmp_path, monkeypatch, capsys):
+  """`--out` naming the samples (or reference, or weights) is refused before any work,
+  --force or not: the metrics JSON would replace the images it scored."""
+  monkeypatch.setattr(inception, 'load', lambda path, dtype=None: _FakeNet())
+  samples, ref = _write(tmp_path / 's.npz', 21, 3), _write(tmp_path / 'r.npz', 23, 4)
+  (tmp_path / 'w.pth').write_bytes(b'weights')
+  before = samples.read_bytes()
+  for out, flag in ((samples, '--samples'), (ref, '--ref'), (tmp_path / 'w.pth', '--inception')):
+    rc = cli.main(['eval', '--samples', str(samples), '--ref', str(ref), '--inception',
+                   str(tmp_path / 'w.pth'), '--batch-size', '4', '--out', str(out), '--force',
+                   '--no-progress', '--no-cache'])
+    _one_line_error(capsys, 2, rc, f'is the {flag} file this command reads')
+  assert samples.read_bytes() == before and (tmp_path / 'w.pth').read_bytes() == b'weights'

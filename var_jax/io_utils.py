@@ -58,12 +58,45 @@ def save_png(path: str | os.PathLike, image_HWC: np.ndarray) -> None:
     Image.fromarray(np.asarray(image_HWC, np.uint8)).save(f, format='PNG')
 
 
+def _eight_bit(im, path):
+  """`im` in an 8-bit mode: 16-bit greys (PNG, TIFF: modes I;16*, I) scaled to 0..255, as
+  viewers show them (PIL's convert would clip every value above 255 to white)."""
+  from PIL import Image
+  if im.mode.startswith('I;16') or im.mode == 'I':
+    v = np.asarray(im, np.float64) / 257
+    return Image.fromarray(np.clip(np.round(v), 0, 255).astype(np.uint8), 'L')
+  if im.mode == 'F':
+    raise ValueError(f'{path} holds floating-point pixels; save it as an 8- or 16-bit image')
+  return im
+
+
+def _opaque(im, path):
+  """`im` if no pixel is transparent, else ValueError: the colours stored under transparent
+  pixels (often black, or anything) are not what a viewer shows, and dropping the alpha
+  channel would silently edit or encode them."""
+  if im.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in im.info:
+    alpha = np.asarray(im.convert('RGBA'))[..., 3]
+    if alpha.min() < 255:
+      raise ValueError(f'{path} has transparent pixels ({int((alpha < 255).sum())} of '
+                       f'{alpha.size}); flatten it onto a background first')
+  return im
+
+
+def _as_seen(im, path):
+  """`im` as image viewers show it, in an 8-bit mode: turned by its EXIF orientation (a
+  camera's photo stored sideways), so that a mask or box drawn on it lines up; images
+  with transparent pixels are refused (`_opaque`)."""
+  from PIL import ImageOps
+  return _opaque(_eight_bit(ImageOps.exif_transpose(im), path), path)
+
+
 def read_image(path: str | os.PathLike, mode: str = 'RGB') -> np.ndarray:
-  """An image file as uint8 (H, W, 3) for mode 'RGB' or (H, W) for 'L', at its own size."""
+  """An image file as uint8 (H, W, 3) for mode 'RGB' or (H, W) for 'L', at its own size
+  as viewers show it (EXIF orientation applied, 16-bit images scaled to 8 bits)."""
   from PIL import Image
   try:
     with Image.open(path) as im:
-      return np.asarray(im.convert(mode), np.uint8)
+      return np.asarray(_as_seen(im, path).convert(mode), np.uint8)
   except FileNotFoundError:
     raise
   except OSError as e:
@@ -72,11 +105,11 @@ def read_image(path: str | os.PathLike, mode: str = 'RGB') -> np.ndarray:
 
 def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
   """An RGB image resized (shorter side, Lanczos) and centre-cropped to size x size,
-  as float32 HWC in [-1, 1]."""
+  as float32 HWC in [-1, 1] (as viewers show it: see read_image)."""
   from PIL import Image
   try:
     with Image.open(path) as im:
-      im = im.convert('RGB')
+      im = _as_seen(im, path).convert('RGB')
       w, h = im.size
       s = size / min(w, h)
       nw, nh = max(size, round(w * s)), max(size, round(h * s))
@@ -199,7 +232,13 @@ class ChunkedRun:
       return z[key] if key is not None else {k: z[k] for k in z.files}
 
   def cleanup(self) -> None:
-    shutil.rmtree(self.dir, ignore_errors=True)
+    """Removes the folder: renamed first to `.<out>.tmp-<pid>` (atomic), so that a run
+    stopped while deleting thousands of chunks leaves no manifest-less `.parts` folder
+    (refused by every later run) but a temporary that the next run's
+    safe_io.check_output(out) sweeps."""
+    trash = self.out.with_name(f'.{self.out.name}.tmp-{os.getpid()}')
+    os.replace(self.dir, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def pipelined(indices: Iterable[int], start: Callable[[int], Any], finish: Callable[[Any], Any]):

@@ -178,6 +178,20 @@ def check_distinct(paths: Mapping[str, Any]) -> None:
     seen[key] = flag
 
 
+def check_not_inputs(outputs: Mapping[str, Any], inputs: Mapping[str, Any]) -> None:
+  """ValueError when an output flag names a file the command reads ({flag: path, a list
+  of paths, or None}): not even --force writes over an input (e.g. `eval --out` on the
+  samples it scores, `edit --out` on the photo it edits)."""
+  read = {}
+  for flag, paths in inputs.items():
+    for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths or ():
+      read.setdefault(os.path.realpath(p), flag)
+  for flag, p in outputs.items():
+    if p is not None and os.path.realpath(p) in read:
+      raise ValueError(f'{flag} {p} is the {read[os.path.realpath(p)]} file this command '
+                       'reads; give another output name')
+
+
 # --- work that must not stop halfway ---------------------------------------------
 
 class _Shield:

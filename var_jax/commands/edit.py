@@ -25,7 +25,7 @@ import os
 import numpy as np
 
 from var_jax.commands._common import (FAILURE, USAGE, CommandError, add_sampling_arguments, guarded,
-                                      show_info_logs)
+                                      reading, show_info_logs)
 
 FLAGS = {'cfg': '--cfg', 'top_k': '--top-k', 'top_p': '--top-p'}
 
@@ -71,6 +71,7 @@ def _check_args(args) -> None:
   from var_jax import safe_io
   outputs = {'--out': args.out, '--tokens-out': args.tokens_out}
   safe_io.check_distinct(outputs)
+  safe_io.check_not_inputs(outputs, {'--image': args.image, '--mask': args.mask})
   for flag, path in outputs.items():
     safe_io.check_output(path, force=args.force, flag=flag)
   if not os.path.isdir(args.checkpoint):
@@ -88,7 +89,8 @@ def keep_mask(args, config) -> np.ndarray:
     mask = edit.box_mask(h, *parse_box(args.box), inpainting=not args.outpaint)
     what = '--box'
   else:
-    white = io_utils.read_image(args.mask, 'L').astype(np.float32) / 255.0
+    with reading(args.mask):   # an unreadable mask is a bad file (exit 1)
+      white = io_utils.read_image(args.mask, 'L').astype(np.float32) / 255.0
     if white.shape not in ((size, size), (h, h)):
       raise CommandError(f'--mask is {white.shape[1]}x{white.shape[0]}; it must be {size}x{size} '
                          f'(the image) or {h}x{h} (the token grid)', USAGE)
@@ -115,7 +117,8 @@ def _run(args) -> int:
   if config.var is None:
     raise CommandError(f'{args.checkpoint} has no VAR transformer (convert it with --var)')
   size, n_cls = config.image_size, config.var.num_classes
-  rgb = io_utils.read_image(args.image)
+  with reading(args.image):   # an unreadable image is a bad file (exit 1), as in reconstruct
+    rgb = io_utils.read_image(args.image)
   if rgb.shape[:2] != (size, size):
     raise CommandError(f'--image is {rgb.shape[1]}x{rgb.shape[0]}; this model edits {size}x{size} '
                        'images (resize or crop it first)', USAGE)

@@ -52,6 +52,8 @@ def _check_args(args) -> None:
     if flag != '--inception' and not os.path.isfile(path):   # inception.load says where
       raise CommandError(f'{flag} file not found: {path}', FAILURE)   # to download it
   from var_jax import safe_io
+  safe_io.check_not_inputs({'--out': args.out}, {'--samples': args.samples, '--ref': args.ref,
+                                                 '--inception': args.inception})
   safe_io.check_output(args.out, force=args.force, flag='--out')
 
 

@@ -31,6 +31,7 @@ def _run(args) -> int:
     raise CommandError(f'--batch-size must be >= 1, got {args.batch_size}', USAGE)
   outputs = {'--out': args.out, '--tokens-out': args.tokens_out}
   safe_io.check_distinct(outputs)
+  safe_io.check_not_inputs(outputs, {'--images': args.images})
   check_checkpoint_dir(args.checkpoint)
   for p in args.images:
     if os.path.isdir(p):

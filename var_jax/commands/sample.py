@@ -10,7 +10,8 @@ and a seed derived from (--seed, i) otherwise, so every chunk is reproducible
 on its own. With --npz-out (arr_0: uint8 NHWC, the ADM/guided-diffusion
 evaluation format) every finished chunk is kept in `<npz-out>.parts/`: an
 interrupted run resumes where it stopped when the same command is rerun
-(--stop-after-chunks N ends a run early on purpose). The parts folder is removed
+(--stop-after-chunks N ends a run early on purpose); other settings, or another
+checkpoint saved at the --checkpoint path meanwhile, are refused. The parts folder is removed
 once the .npz is assembled.
 
 Every output path is checked before the model loads: an existing file is never
@@ -143,9 +144,22 @@ class _Rate:
     return msg
 
 
+def checkpoint_digest(path: str) -> str:
+  """sha256 of a checkpoint's config and marker (which lists every weight file with its
+  size and CRC-32): a checkpoint replaced at the same path, even re-saved, differs."""
+  from var_jax.checkpoint import CONFIG, MARKER
+  h = hashlib.sha256()
+  for name in (CONFIG, MARKER):
+    with open(os.path.join(path, name), 'rb') as f:
+      h.update(hashlib.sha256(f.read()).digest())
+  return h.hexdigest()
+
+
 def _manifest(args, labels, batch) -> dict:
-  """The settings a resumed --npz-out run must share with the run it continues."""
-  return {'checkpoint': os.path.abspath(args.checkpoint), 'n': int(labels.shape[0]),
+  """The settings a resumed --npz-out run must share with the run it continues (the
+  checkpoint by its path and its content, so a replaced one never mixes in)."""
+  return {'checkpoint': os.path.abspath(args.checkpoint),
+          'checkpoint_sha256': checkpoint_digest(args.checkpoint), 'n': int(labels.shape[0]),
           'batch': batch, 'labels_sha256': hashlib.sha256(labels.tobytes()).hexdigest(),
           'cfg': args.cfg, 'top_k': args.top_k, 'top_p': args.top_p, 'seed': args.seed,
           'more_smooth': args.more_smooth, 'dtype': args.dtype}
@@ -222,7 +236,7 @@ def _run(args) -> int:
       if args.tokens_out:
         for k in range(K):
           tokens[f'idx_{k}'].append(chunk[f'idx_{k}'])
-    _write_outputs(args, io_utils, np.concatenate(grid_images), tokens)
+    _write_outputs(args, io_utils, grid_images, tokens)
     run.cleanup()
     print(f'{n} samples -> {args.npz_out} (arr_0 uint8 {(n, size, size, 3)})')
   else:
@@ -236,13 +250,18 @@ def _run(args) -> int:
         bar.update(1)
     print(f'sampling: {rate.report()}', file=sys.stderr)
     tokens = {f'idx_{k}': [c[f'idx_{k}'] for c in chunks] for k in range(K)}
-    _write_outputs(args, io_utils, np.concatenate([c['images'] for c in chunks]), tokens)
-  print(f'grid of {min(n, args.grid_max)} samples -> {args.out}')
+    _write_outputs(args, io_utils, [c['images'] for c in chunks], tokens)
+  if args.grid_max:
+    print(f'grid of {min(n, args.grid_max)} samples -> {args.out}')
+  else:
+    print(f'no grid (--grid-max 0): {args.out} not written')
   return 0
 
 
 def _write_outputs(args, io_utils, images, tokens):
-  shown = images[:args.grid_max]
+  """The grid of the first --grid-max images (none for 0) and --tokens-out; `images` is
+  a list of uint8 NHWC chunks."""
+  shown = np.concatenate(images)[:args.grid_max] if images else ()
   if len(shown):
     io_utils.save_png(args.out, io_utils.make_grid(shown, nrow=8))
   if args.tokens_out:
