@@ -152,8 +152,9 @@ def test_tfds_mock_data():
     assert sum(int(x['mask'].sum()) for x in ev) == 12
 
 
-def test_16bit_greyscale_keeps_its_top_8_bits(tmp_path):
-  """A 16-bit PNG (PIL mode I;16) decodes as its 8-bit image, not clipped to white."""
+def test_16bit_greyscale_is_scaled_to_8_bits(tmp_path):
+  """A 16-bit PNG (PIL mode I;16) decodes as its 8-bit image (v / 257, the rule of
+  io_utils.eight_bit, shared with edit and reconstruct), not clipped to white."""
   from var_jax.train import tokenize
   v8 = np.random.default_rng(0).integers(0, 256, (20, 24), dtype=np.uint8)
   Image.fromarray(v8.astype(np.uint16) * 257).save(tmp_path / 'deep.png')

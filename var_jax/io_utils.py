@@ -58,15 +58,16 @@ def save_png(path: str | os.PathLike, image_HWC: np.ndarray) -> None:
     Image.fromarray(np.asarray(image_HWC, np.uint8)).save(f, format='PNG')
 
 
-def _eight_bit(im, path):
+def eight_bit(im, path=None):
   """`im` in an 8-bit mode: 16-bit greys (PNG, TIFF: modes I;16*, I) scaled to 0..255, as
-  viewers show them (PIL's convert would clip every value above 255 to white)."""
+  viewers show them (PIL's convert would clip every value above 255 to white). One rule
+  for every reader: the commands' images and masks, and the training data."""
   from PIL import Image
   if im.mode.startswith('I;16') or im.mode == 'I':
     v = np.asarray(im, np.float64) / 257
     return Image.fromarray(np.clip(np.round(v), 0, 255).astype(np.uint8), 'L')
   if im.mode == 'F':
-    raise ValueError(f'{path} holds floating-point pixels; save it as an 8- or 16-bit image')
+    raise ValueError(f'{path or "image"} holds floating-point pixels; save it as an 8- or 16-bit image')
   return im
 
 
@@ -87,7 +88,7 @@ def _as_seen(im, path):
   camera's photo stored sideways), so that a mask or box drawn on it lines up; images
   with transparent pixels are refused (`_opaque`)."""
   from PIL import ImageOps
-  return _opaque(_eight_bit(ImageOps.exif_transpose(im), path), path)
+  return _opaque(eight_bit(ImageOps.exif_transpose(im), path), path)
 
 
 def read_image(path: str | os.PathLike, mode: str = 'RGB') -> np.ndarray:

@@ -45,12 +45,10 @@ def random_crop(arr: np.ndarray, size: int, rng: np.random.Generator) -> np.ndar
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-  """The RGB image of any PIL mode. 16-bit greyscale (16-bit PNGs and TIFFs: modes I;16*,
-  or I) keeps its top 8 bits: PIL's convert('RGB') clips such values to 255, a white image."""
-  if img.mode == 'I' or img.mode.startswith('I;16'):
-    arr = np.asarray(img).astype(np.int64) >> 8
-    img = Image.fromarray(arr.clip(0, 255).astype(np.uint8), 'L')
-  return img.convert('RGB')
+  """The RGB image of any PIL mode; 16-bit greys scaled to 8 bits (io_utils.eight_bit),
+  where PIL's convert('RGB') clips them to white."""
+  from var_jax import io_utils
+  return io_utils.eight_bit(img).convert('RGB')
 
 
 def augment(img: Image.Image, final_reso: int, *, train: bool, rng: np.random.Generator | None = None,
