@@ -441,12 +441,14 @@ def test_a_checkpoint_of_another_model_is_an_error_not_damage(t8, tmp_path):
     (['--config', TINY, '--config.batch_size=eight'], 2, "config key 'batch_size' expects int"),
     (['--config', TINY, '--config.vae.checkpoint=/nonexistent/vae.pth'], 1, 'not found'),
     (['--config', TINY, '--config.model.attention=flash'], 2, 'attention must be one of'),
+    (['--config', TINY, '--config.run.keep=0'], 2, 'config.run.keep must be >= 1'),
 ])
 def test_train_errors_are_one_line(tmp_path, capsys, argv, code, message):
   from var_jax import cli
   assert cli.main(['train', '--workdir', str(tmp_path / 'w'), *argv]) == code
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('var-jax train: error: ') and message in err[0], err
+  assert not (tmp_path / 'w' / 'checkpoints').exists()   # refused before any work
 
 
 def test_tokens_folder_errors_exit_1(t8, tokens_dir, tmp_path, capsys):

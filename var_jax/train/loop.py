@@ -87,9 +87,17 @@ def mesh_and_rules(config, devices=None) -> Tuple[Mesh, Tuple[Tuple[str, Any], .
   return mesh, rules
 
 
+def check_run_options(rc) -> None:
+  """ValueError naming the config.run key whose value the loop cannot honour, before any
+  work: keep < 1 made orbax delete every checkpoint (a rerun silently started over)."""
+  if int(rc.keep) < 1:
+    raise ValueError(f'config.run.keep must be >= 1 (checkpoints kept), got {rc.keep}')
+
+
 def make_context(config, devices=None, image_size: Optional[int] = None) -> Context:
   """Mesh, rules, training source and step counts from a config."""
   c = config
+  check_run_options(c.run)
   mesh, rules = mesh_and_rules(c, devices)
   if image_size is None:
     image_size = task_class(c).image_size(c)
