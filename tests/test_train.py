@@ -442,6 +442,9 @@ def test_a_checkpoint_of_another_model_is_an_error_not_damage(t8, tmp_path):
     (['--config', TINY, '--config.vae.checkpoint=/nonexistent/vae.pth'], 1, 'not found'),
     (['--config', TINY, '--config.model.attention=flash'], 2, 'attention must be one of'),
     (['--config', TINY, '--config.run.keep=0'], 2, 'config.run.keep must be >= 1'),
+    (['--config', TINY, '--config.run.log_every=0'], 2, 'config.run.log_every must be >= 1'),
+    (['--config', TINY, '--config.run.eval_batches=0'], 2, 'config.run.eval_batches must be >= 1'),
+    (['--config', TINY, '--config.run.nan_policy=stopp'], 2, "nan_policy must be 'stop' or 'skip'"),
 ])
 def test_train_errors_are_one_line(tmp_path, capsys, argv, code, message):
   from var_jax import cli

@@ -89,9 +89,18 @@ def mesh_and_rules(config, devices=None) -> Tuple[Mesh, Tuple[Tuple[str, Any], .
 
 def check_run_options(rc) -> None:
   """ValueError naming the config.run key whose value the loop cannot honour, before any
-  work: keep < 1 made orbax delete every checkpoint (a rerun silently started over)."""
+  work: keep < 1 made orbax delete every checkpoint (a rerun silently started over);
+  log_every < 1 and eval_batches = 0 failed only after compiling and training up to the
+  first log or eval step; a misspelt nan_policy meant 'skip'."""
   if int(rc.keep) < 1:
     raise ValueError(f'config.run.keep must be >= 1 (checkpoints kept), got {rc.keep}')
+  if int(rc.log_every) < 1:
+    raise ValueError(f'config.run.log_every must be >= 1 (steps), got {rc.log_every}')
+  if int(rc.eval_batches) == 0:
+    raise ValueError('config.run.eval_batches must be >= 1, or -1 for the whole eval split '
+                     '(config.run.eval_every=0 turns evaluation off), got 0')
+  if rc.nan_policy not in ('stop', 'skip'):
+    raise ValueError(f"config.run.nan_policy must be 'stop' or 'skip', got {rc.nan_policy!r}")
 
 
 def make_context(config, devices=None, image_size: Optional[int] = None) -> Context:
