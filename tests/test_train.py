@@ -426,6 +426,41 @@ def _rows(workdir):
   return [json.loads(line)['step'] for line in (pathlib.Path(workdir) / 'metrics.jsonl').open()]
 
 
+def _tb_events(path):
+  """(step, what) of every event in a TensorBoard event file."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  data, i, out = path.read_bytes(), 0, []
+  while i < len(data):
+    n = struct.unpack('<Q', data[i:i + 8])[0]
+    e = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+    what = e.WhichOneof('what')
+    out.append((e.step, e.session_log.status if what == 'session_log' else what))
+    i += 12 + n + 4
+  return out
+
+
+def test_resumed_tensorboard_log_hides_the_steps_it_rewrites(tmp_path):
+  """A run killed after step 5 and resumed from its step-3 checkpoint logs steps 4 and 5
+  again: the new event file starts with a session START at step 4, which makes
+  TensorBoard drop the earlier points at steps >= 4 (as metrics.jsonl drops its rows)."""
+  from tensorboardX.proto import event_pb2
+  from var_jax.train import writer as writer_lib
+  w = writer_lib.Writer(str(tmp_path), resume_step=0, stdout=False)
+  for step in range(1, 6):
+    w.scalars(step, {'train/loss': float(step)})
+  w.close()
+  (tmp_path / 'tb').rename(tmp_path / 'tb_first')   # the files of one second share a name
+  w = writer_lib.Writer(str(tmp_path), resume_step=3, stdout=False)
+  w.scalars(4, {'train/loss': 0.5})
+  w.close()
+  new, = (tmp_path / 'tb').iterdir()
+  events = _tb_events(new)
+  start = event_pb2.SessionLog.START
+  assert (4, start) in events and events.index((4, start)) < events.index((4, 'summary'))
+  assert _rows(tmp_path) == [1, 2, 3, 4]
+
+
 @pytest.mark.slow
 def test_damaged_latest_checkpoint_is_set_aside_and_the_run_continues(t8, tmp_path, capsys):
   t8.ctx.config.run.log_every = 1
