@@ -492,6 +492,23 @@ def test_a_checkpoint_of_another_model_is_an_error_not_damage(t8, tmp_path):
   assert (work / 'checkpoints' / '2').is_dir() and not (work / 'damaged_checkpoints').exists()
 
 
+def test_resuming_with_another_config_names_the_changes(t8, tmp_path, capsys):
+  """Same shapes restore under any other values (a rerun may mean to extend a run), so
+  the resume warns with every key that differs from the config the run started with."""
+  work = tmp_path / 'run'
+  loop.run(t8, str(work), stop_after=2)
+  capsys.readouterr()
+  t8.ctx.config.run.log_every, t8.ctx.config.seed = 7, 3
+  try:
+    _, out = loop.run(t8, str(work), stop_after=3)
+  finally:
+    t8.ctx.config.run.log_every, t8.ctx.config.seed = 1000, 0
+  err = capsys.readouterr().err
+  assert out['step'] == 3
+  assert 'resuming with a config that differs' in err and 'run.log_every: 1000 -> 7; seed: 0 -> 3' in err
+  assert json.loads((work / 'config.json').read_text())['seed'] == 0   # the record of the start
+
+
 @pytest.mark.parametrize('argv, code, message', [
     (['--config', 'configs/missing.py'], 1, "config file 'configs/missing.py' not found"),
     (['--config', TINY, '--config.batchsize=8'], 2, "did you mean 'batch_size'?"),

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
+import sys
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -160,6 +162,7 @@ def run(task, workdir: str, *, stop_after: Optional[int] = None) -> Tuple[Any, D
       if data_state is not None:
         it.set_state(data_state)
       say(f'resumed from step {start} ({mngr.directory})')
+      _warn_config_changes(workdir, c, task.name)
     else:
       start, state = 0, task.init_state()
     writer = writer_lib.Writer(workdir, resume_step=start, name=task.name)
@@ -188,6 +191,37 @@ def run(task, workdir: str, *, stop_after: Optional[int] = None) -> Tuple[Any, D
              'skipped_images': it.num_skipped, **last,
              **{f'eval_{k}': v for k, v in last_eval.items()}}
   return state, summary
+
+
+def config_changes(old: Dict[str, Any], new: Dict[str, Any], prefix: str = '') -> list:
+  """['key: old -> new', ...] for the dotted keys whose values differ between two config
+  dicts (a key only in one of them shows `(none)` on the other side)."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k, '(none)'), new.get(k, '(none)')
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += config_changes(a, b, f'{prefix}{k}.')
+    elif a != b:
+      out.append(f'{prefix}{k}: {json.dumps(a)} -> {json.dumps(b)}')
+  return out
+
+
+def _warn_config_changes(workdir: str, config, name: str) -> None:
+  """On resume: a warning listing what differs from WORKDIR/config.json (the config the run
+  started with), since a checkpoint of the same shapes restores under any other values."""
+  path = os.path.join(workdir, 'config.json')
+  if jax.process_index() != 0 or not os.path.isfile(path):
+    return
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except (OSError, ValueError):
+    return
+  changes = config_changes(old, json.loads(config.to_json_best_effort()))
+  if changes:
+    shown = '; '.join(changes[:8]) + (f'; and {len(changes) - 8} more' if len(changes) > 8 else '')
+    print(f'[{name}] WARNING: resuming with a config that differs from {path} (the one this '
+          f'run started with): {shown}', file=sys.stderr, flush=True)
 
 
 def _loop(task, state, it, start: int, end: int, mngr, writer, stop, say):
