@@ -233,6 +233,35 @@ def test_resume_is_bit_identical_and_sigterm_saves(t8, tmp_path):
   assert tree_equal(params_full, jax.device_get(state.params))
 
 
+def test_sigterm_before_the_first_step_saves_and_reports_preempted(t8, tmp_path):
+  """A preemption notice while the run starts (restoring, initialising, compiling: minutes
+  for a large model) still ends in a checkpoint and status 'preempted' (exit 75, which
+  the launchers requeue), not in the default SIGTERM death (143: the job was lost)."""
+  class Killed(Exception):
+    pass
+
+  def killed(signum, frame):   # stands in for the default action: the process dies
+    raise Killed()
+
+  orig = t8.init_state
+
+  def init_then_sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)
+    return orig()
+
+  old = signal.signal(signal.SIGTERM, killed)
+  t8.init_state = init_then_sigterm
+  try:
+    state, out = loop.run(t8, str(tmp_path), stop_after=4)
+  finally:
+    del t8.init_state
+    signal.signal(signal.SIGTERM, old)
+  assert out['status'] == 'preempted' and out['step'] == 0
+  assert checkpoint_manager.CheckpointManager(str(tmp_path / 'checkpoints')).latest_step() == 0
+  _, rest = loop.run(t8, str(tmp_path), stop_after=4)
+  assert rest['status'] == 'done' and rest['step'] == 4
+
+
 def test_unfinished_checkpoint_is_ignored(tmp_path):
   """A save killed midway leaves an orbax tmp dir: resume uses the last complete step."""
   d = str(tmp_path / 'ckpt')

@@ -131,15 +131,20 @@ def make_task(config, devices=None):
 
 def train_and_evaluate(config, workdir: str, *, stop_after: Optional[int] = None,
                        devices=None) -> Tuple[Any, Dict[str, Any]]:
-  """Builds the task of `config` and runs it in `workdir` (see `run`)."""
+  """Builds the task of `config` and runs it in `workdir` (see `run`); SIGTERM while the
+  task is built also ends in a checkpoint and status 'preempted'."""
   safe_io.require_local(workdir, 'workdir')   # before the task is built
-  return run(make_task(config, devices), workdir, stop_after=stop_after)
+  with preemption.StopFlag() as stop:
+    return run(make_task(config, devices), workdir, stop_after=stop_after, stop=stop)
 
 
-def run(task, workdir: str, *, stop_after: Optional[int] = None) -> Tuple[Any, Dict[str, Any]]:
+def run(task, workdir: str, *, stop_after: Optional[int] = None,
+        stop: Optional[preemption.StopFlag] = None) -> Tuple[Any, Dict[str, Any]]:
   """Trains `task` to total_steps (or `stop_after` steps in total), resuming from the newest
   checkpoint in workdir/checkpoints. Returns (final state, summary); summary['status'] is
-  'done' or 'preempted'. A task (its compiled steps) can run several workdirs in turn."""
+  'done' or 'preempted'. A task (its compiled steps) can run several workdirs in turn.
+  `stop`: an installed StopFlag (default: one installed here, before the restore), so
+  that SIGTERM at any moment of the start-up is a preemption, not the process's death."""
   ctx = task.ctx
   c, rc = ctx.config, ctx.config.run
   safe_io.require_local(workdir, 'workdir')   # 'gs://b/run' would become ./gs:/b/run
@@ -150,7 +155,9 @@ def run(task, workdir: str, *, stop_after: Optional[int] = None) -> Tuple[Any, D
       os.path.join(workdir, 'checkpoints'), keep=rc.keep, save_every=rc.save_every,
       async_save=rc.async_checkpoint)
   writer = None
-  stop = preemption.StopFlag()
+  own_stop = stop is None
+  if own_stop:
+    stop = preemption.StopFlag().install()
   try:
     it = data_lib.make_train_pipeline(ctx.source, c.data, seed=c.seed,
                                       global_batch_size=ctx.global_batch,
@@ -175,13 +182,14 @@ def run(task, workdir: str, *, stop_after: Optional[int] = None) -> Tuple[Any, D
         f'{ctx.steps_per_epoch} steps/epoch, steps {start} -> {end} of {ctx.total_steps}, '
         f'{jax.process_count()} process(es)')
     state, step, status, last, last_eval = _loop(task, state, it, start, end, mngr, writer,
-                                                 stop.install(), say)
+                                                 stop, say)
     mngr.wait()
   finally:
     mngr.close()
     if writer is not None:
       writer.close()
-    stop.restore()
+    if own_stop:
+      stop.restore()
   export = None
   if status == 'done' and step == ctx.total_steps and rc.export:
     export = os.path.join(workdir, 'export')
