@@ -557,6 +557,41 @@ def test_train_errors_are_one_line(tmp_path, capsys, argv, code, message):
   assert not (tmp_path / 'w' / 'checkpoints').exists()   # refused before any work
 
 
+@pytest.mark.slow
+def test_ctrl_c_swallowed_by_a_gc_callback_still_stops_training(tmp_path, capsys, monkeypatch):
+  """Ctrl-C that lands in a gc callback (jax registers one) is swallowed there as an
+  'Exception ignored' message; training must still stop with 130, not run to the end."""
+  import gc
+  import time
+  from var_jax import cli
+  calls, orig = [], loop.global_batch
+
+  def ctrl_c_in_gc(phase, info):
+    if phase == 'start' and len(calls) == 2:
+      calls.append('sent')
+      os.kill(os.getpid(), signal.SIGINT)   # raised inside this callback, then swallowed
+
+  def batch(*args):
+    calls.append(1)
+    if len(calls) == 2:
+      gc.collect()
+    elif len(calls) > 3:
+      time.sleep(0.05)   # steps slow enough for a re-sent signal to land mid-run
+    return orig(*args)
+
+  monkeypatch.setattr(loop, 'global_batch', batch)
+  gc.callbacks.append(ctrl_c_in_gc)
+  try:
+    code = cli.main(['train', '--workdir', str(tmp_path / 'w'), '--config', TINY, *FAST,
+                     '--config.total_steps=200'])
+  finally:
+    gc.callbacks.remove(ctrl_c_in_gc)
+  assert 'sent' in calls
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 130 and err[-1] == 'var-jax train: error: interrupted', err[-3:]
+  assert len(calls) < 200
+
+
 def test_tokens_folder_errors_exit_1(t8, tokens_dir, tmp_path, capsys):
   from var_jax import cli
   args = ['train', '--workdir', str(tmp_path / 'w'), '--config', TINY, *FAST, *SHARED,
