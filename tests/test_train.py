@@ -233,6 +233,35 @@ def test_resume_is_bit_identical_and_sigterm_saves(t8, tmp_path):
   assert tree_equal(params_full, jax.device_get(state.params))
 
 
+def test_sigterm_before_the_first_step_saves_and_reports_preempted(t8, tmp_path):
+  """A preemption notice while the run starts (restoring, initialising, compiling: minutes
+  for a large model) still ends in a checkpoint and status 'preempted' (exit 75, which
+  the launchers requeue), not in the default SIGTERM death (143: the job was lost)."""
+  class Killed(Exception):
+    pass
+
+  def killed(signum, frame):   # stands in for the default action: the process dies
+    raise Killed()
+
+  orig = t8.init_state
+
+  def init_then_sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)
+    return orig()
+
+  old = signal.signal(signal.SIGTERM, killed)
+  t8.init_state = init_then_sigterm
+  try:
+    state, out = loop.run(t8, str(tmp_path), stop_after=4)
+  finally:
+    del t8.init_state
+    signal.signal(signal.SIGTERM, old)
+  assert out['status'] == 'preempted' and out['step'] == 0
+  assert checkpoint_manager.CheckpointManager(str(tmp_path / 'checkpoints')).latest_step() == 0
+  _, rest = loop.run(t8, str(tmp_path), stop_after=4)
+  assert rest['status'] == 'done' and rest['step'] == 4
+
+
 def test_unfinished_checkpoint_is_ignored(tmp_path):
   """A save killed midway leaves an orbax tmp dir: resume uses the last complete step."""
   d = str(tmp_path / 'ckpt')
@@ -249,6 +278,28 @@ def test_unfinished_checkpoint_is_ignored(tmp_path):
   got, data = m.restore(2, target)
   assert np.array_equal(got['w'], state['w']) and data == {'next_index': 16}
   m.close()
+
+
+def test_a_checkpoint_of_another_process_count_is_an_error_not_damage(tmp_path):
+  """A run resumed with another number of processes finds no data-iterator position of
+  its own: a one-line error, and the (readable) checkpoints stay where they are."""
+  d = tmp_path / 'ckpt'
+  m = checkpoint_manager.CheckpointManager(str(d), keep=2, async_save=False)
+  state = {'w': jnp.arange(4.0)}
+  for step in (2, 4):
+    m.save(step, state, data_state={'next_index': 8 * step}, force=True)
+  m.close()
+  for step in (2, 4):   # as written by process 0 of 2 (its partner's file beside it)
+    data = d / str(step) / 'data'
+    (data / 'process_0-of-1.json').rename(data / 'process_0-of-2.json')
+    (data / 'process_1-of-2.json').write_text('{"next_index": 0}')
+  m = checkpoint_manager.CheckpointManager(str(d), keep=2, async_save=False)
+  target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  with pytest.raises(ValueError, match=r'written by 2 process\(es\); this run has 1'):
+    m.restore_latest(target)
+  m.close()
+  assert sorted(p.name for p in d.iterdir()) == ['2', '4']
+  assert not (tmp_path / 'damaged_checkpoints').exists()
 
 
 @pytest.mark.parametrize('policy', ['stop', 'skip'])
@@ -451,6 +502,41 @@ def _rows(workdir):
   return [json.loads(line)['step'] for line in (pathlib.Path(workdir) / 'metrics.jsonl').open()]
 
 
+def _tb_events(path):
+  """(step, what) of every event in a TensorBoard event file."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  data, i, out = path.read_bytes(), 0, []
+  while i < len(data):
+    n = struct.unpack('<Q', data[i:i + 8])[0]
+    e = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+    what = e.WhichOneof('what')
+    out.append((e.step, e.session_log.status if what == 'session_log' else what))
+    i += 12 + n + 4
+  return out
+
+
+def test_resumed_tensorboard_log_hides_the_steps_it_rewrites(tmp_path):
+  """A run killed after step 5 and resumed from its step-3 checkpoint logs steps 4 and 5
+  again: the new event file starts with a session START at step 4, which makes
+  TensorBoard drop the earlier points at steps >= 4 (as metrics.jsonl drops its rows)."""
+  from tensorboardX.proto import event_pb2
+  from var_jax.train import writer as writer_lib
+  w = writer_lib.Writer(str(tmp_path), resume_step=0, stdout=False)
+  for step in range(1, 6):
+    w.scalars(step, {'train/loss': float(step)})
+  w.close()
+  (tmp_path / 'tb').rename(tmp_path / 'tb_first')   # the files of one second share a name
+  w = writer_lib.Writer(str(tmp_path), resume_step=3, stdout=False)
+  w.scalars(4, {'train/loss': 0.5})
+  w.close()
+  new, = (tmp_path / 'tb').iterdir()
+  events = _tb_events(new)
+  start = event_pb2.SessionLog.START
+  assert (4, start) in events and events.index((4, start)) < events.index((4, 'summary'))
+  assert _rows(tmp_path) == [1, 2, 3, 4]
+
+
 @pytest.mark.slow
 def test_damaged_latest_checkpoint_is_set_aside_and_the_run_continues(t8, tmp_path, capsys):
   t8.ctx.config.run.log_every = 1
@@ -482,18 +568,75 @@ def test_a_checkpoint_of_another_model_is_an_error_not_damage(t8, tmp_path):
   assert (work / 'checkpoints' / '2').is_dir() and not (work / 'damaged_checkpoints').exists()
 
 
+def test_resuming_with_another_config_names_the_changes(t8, tmp_path, capsys):
+  """Same shapes restore under any other values (a rerun may mean to extend a run), so
+  the resume warns with every key that differs from the config the run started with."""
+  work = tmp_path / 'run'
+  loop.run(t8, str(work), stop_after=2)
+  capsys.readouterr()
+  t8.ctx.config.run.log_every, t8.ctx.config.seed = 7, 3
+  try:
+    _, out = loop.run(t8, str(work), stop_after=3)
+  finally:
+    t8.ctx.config.run.log_every, t8.ctx.config.seed = 1000, 0
+  err = capsys.readouterr().err
+  assert out['step'] == 3
+  assert 'resuming with a config that differs' in err and 'run.log_every: 1000 -> 7; seed: 0 -> 3' in err
+  assert json.loads((work / 'config.json').read_text())['seed'] == 0   # the record of the start
+
+
 @pytest.mark.parametrize('argv, code, message', [
     (['--config', 'configs/missing.py'], 1, "config file 'configs/missing.py' not found"),
     (['--config', TINY, '--config.batchsize=8'], 2, "did you mean 'batch_size'?"),
     (['--config', TINY, '--config.batch_size=eight'], 2, "config key 'batch_size' expects int"),
     (['--config', TINY, '--config.vae.checkpoint=/nonexistent/vae.pth'], 1, 'not found'),
     (['--config', TINY, '--config.model.attention=flash'], 2, 'attention must be one of'),
+    (['--config', TINY, '--config.run.keep=0'], 2, 'config.run.keep must be >= 1'),
+    (['--config', TINY, '--config.run.log_every=0'], 2, 'config.run.log_every must be >= 1'),
+    (['--config', TINY, '--config.run.eval_batches=0'], 2, 'config.run.eval_batches must be >= 1'),
+    (['--config', TINY, '--config.run.nan_policy=stopp'], 2, "nan_policy must be 'stop' or 'skip'"),
 ])
 def test_train_errors_are_one_line(tmp_path, capsys, argv, code, message):
   from var_jax import cli
   assert cli.main(['train', '--workdir', str(tmp_path / 'w'), *argv]) == code
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('var-jax train: error: ') and message in err[0], err
+  assert not (tmp_path / 'w' / 'checkpoints').exists()   # refused before any work
+
+
+@pytest.mark.slow
+def test_ctrl_c_swallowed_by_a_gc_callback_still_stops_training(tmp_path, capsys, monkeypatch):
+  """Ctrl-C that lands in a gc callback (jax registers one) is swallowed there as an
+  'Exception ignored' message; training must still stop with 130, not run to the end."""
+  import gc
+  import time
+  from var_jax import cli
+  calls, orig = [], loop.global_batch
+
+  def ctrl_c_in_gc(phase, info):
+    if phase == 'start' and len(calls) == 2:
+      calls.append('sent')
+      os.kill(os.getpid(), signal.SIGINT)   # raised inside this callback, then swallowed
+
+  def batch(*args):
+    calls.append(1)
+    if len(calls) == 2:
+      gc.collect()
+    elif len(calls) > 3:
+      time.sleep(0.05)   # steps slow enough for a re-sent signal to land mid-run
+    return orig(*args)
+
+  monkeypatch.setattr(loop, 'global_batch', batch)
+  gc.callbacks.append(ctrl_c_in_gc)
+  try:
+    code = cli.main(['train', '--workdir', str(tmp_path / 'w'), '--config', TINY, *FAST,
+                     '--config.total_steps=200'])
+  finally:
+    gc.callbacks.remove(ctrl_c_in_gc)
+  assert 'sent' in calls
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 130 and err[-1] == 'var-jax train: error: interrupted', err[-3:]
+  assert len(calls) < 200
 
 
 def test_tokens_folder_errors_exit_1(t8, tokens_dir, tmp_path, capsys):

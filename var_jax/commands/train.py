@@ -4,8 +4,9 @@ The config decides the model (`config.task`: configs/var_*.py train the VAR,
 configs/vqvae_*.py and digits_vqvae.py the VQVAE; `train-vqvae` is the same command).
 Rerunning a command resumes from DIR. Exit status: 0 when training finished, 75 when it
 stopped on a preemption notice after saving (run it again; the SLURM launcher requeues
-on it), 2 for bad arguments or config values, 1 for files that are missing or unusable;
-errors are one line unless --debug or VAR_JAX_DEBUG=1.
+on it), 2 for bad arguments or config values, 1 for files that are missing or unusable,
+130 on Ctrl-C (a checkpoint save in progress finishes first); errors are one line unless
+--debug or VAR_JAX_DEBUG=1.
 
 Multi-host: with more than one process (TPU pod slice, SLURM, or JAX_COORDINATOR_ADDRESS /
 JAX_NUM_PROCESSES / JAX_PROCESS_ID set) jax.distributed.initialize() runs first.
@@ -84,4 +85,5 @@ def _run(args) -> int:
 def run(args) -> int:
   if debug_mode(args):
     return int(_run(args))
-  return guarded(args.command, _run, args)
+  # signals: a Ctrl-C that a gc callback swallowed (jax has one) is sent again, not lost
+  return guarded(args.command, _run, args, signals=True)

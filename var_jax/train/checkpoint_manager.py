@@ -15,8 +15,9 @@ resumes from the last complete step; `latest_step()` ignores unfinished ones.
 A complete checkpoint that cannot be read (a damaged disk, a truncated copy) is
 moved to `<workdir>/damaged_checkpoints/<step>` (never deleted) with a warning naming
 its step and the reason, and `restore_latest` goes on to the previous one. A
-checkpoint whose shapes do not match the model (another config) is an error instead:
-nothing is moved.
+checkpoint whose shapes do not match the model (another config), or that another
+number of processes wrote (no data-iterator position for this one), is an error
+instead: nothing is moved.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ class ProcessJsonHandler(ocp.CheckpointHandler):
   """Each process saves its own JSON document (process_{i}-of-{n}.json)."""
 
   def _file(self, directory) -> epath.Path:
-    return epath.Path(directory) / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+    return epath.Path(directory) / process_file()
 
   def save(self, directory, args: 'ProcessJsonSave'):
     self._file(directory).write_text(json.dumps(args.item))
@@ -68,6 +69,11 @@ class ProcessJsonRestore(ocp.args.CheckpointArgs):
   item: Any = None
 
 
+def process_file() -> str:
+  """This process's data-iterator file in a checkpoint's `data` directory."""
+  return f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+
+
 def _path(keys) -> str:
   """'params/blocks_0/attn/kernel' for a tree path of attributes, dict keys or indices."""
   return '/'.join(str(getattr(k, 'name', getattr(k, 'key', getattr(k, 'idx', k)))) for k in keys)
@@ -80,7 +86,7 @@ def _sync(name: str) -> None:
 
 
 class ShapeMismatch(Exception):
-  """A readable checkpoint of another model (not damage: never moved aside)."""
+  """A readable checkpoint of another model or process count (not damage: never moved aside)."""
 
 
 class CheckpointManager:
@@ -138,6 +144,7 @@ class CheckpointManager:
       try:
         with quiet_orbax():
           self._check_shapes(step, abstract_state)
+          self._check_processes(step)
           state, data = self.restore(step, abstract_state)
         return step, state, data
       except ShapeMismatch as e:
@@ -169,6 +176,19 @@ class CheckpointManager:
           f'checkpoint {step} in {self.directory} was written for another model or optimizer '
           f'({len(problems)} difference(s), e.g. {"; ".join(problems[:3])}); use another '
           '--workdir or the config it was trained with')
+
+  def _check_processes(self, step: int) -> None:
+    """ShapeMismatch if step's data-iterator files were written by another process count
+    (a readable checkpoint: moving it aside as damage restarted the run from step 0)."""
+    data = os.path.join(self.directory, str(step), 'data')
+    names = os.listdir(data) if os.path.isdir(data) else []
+    counts = sorted({n[:-len('.json')].rsplit('-of-', 1)[1] for n in names
+                     if n.startswith('process_') and '-of-' in n and n.endswith('.json')})
+    if counts and str(jax.process_count()) not in counts:   # a missing file of ours is damage
+      raise ShapeMismatch(
+          f'checkpoint {step} in {self.directory} was written by {" or ".join(counts)} '
+          f'process(es); this run has {jax.process_count()} (each process resumes its own data '
+          'position): resume with as many processes, or use another --workdir')
 
   def _set_aside(self, step: int) -> str:
     """Moves step `step` to <workdir>/damaged_checkpoints/<step>[.n]; all processes agree."""

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
+import sys
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -87,9 +89,26 @@ def mesh_and_rules(config, devices=None) -> Tuple[Mesh, Tuple[Tuple[str, Any], .
   return mesh, rules
 
 
+def check_run_options(rc) -> None:
+  """ValueError naming the config.run key whose value the loop cannot honour, before any
+  work: keep < 1 made orbax delete every checkpoint (a rerun silently started over);
+  log_every < 1 and eval_batches = 0 failed only after compiling and training up to the
+  first log or eval step; a misspelt nan_policy meant 'skip'."""
+  if int(rc.keep) < 1:
+    raise ValueError(f'config.run.keep must be >= 1 (checkpoints kept), got {rc.keep}')
+  if int(rc.log_every) < 1:
+    raise ValueError(f'config.run.log_every must be >= 1 (steps), got {rc.log_every}')
+  if int(rc.eval_batches) == 0:
+    raise ValueError('config.run.eval_batches must be >= 1, or -1 for the whole eval split '
+                     '(config.run.eval_every=0 turns evaluation off), got 0')
+  if rc.nan_policy not in ('stop', 'skip'):
+    raise ValueError(f"config.run.nan_policy must be 'stop' or 'skip', got {rc.nan_policy!r}")
+
+
 def make_context(config, devices=None, image_size: Optional[int] = None) -> Context:
   """Mesh, rules, training source and step counts from a config."""
   c = config
+  check_run_options(c.run)
   mesh, rules = mesh_and_rules(c, devices)
   if image_size is None:
     image_size = task_class(c).image_size(c)
@@ -112,15 +131,20 @@ def make_task(config, devices=None):
 
 def train_and_evaluate(config, workdir: str, *, stop_after: Optional[int] = None,
                        devices=None) -> Tuple[Any, Dict[str, Any]]:
-  """Builds the task of `config` and runs it in `workdir` (see `run`)."""
+  """Builds the task of `config` and runs it in `workdir` (see `run`); SIGTERM while the
+  task is built also ends in a checkpoint and status 'preempted'."""
   safe_io.require_local(workdir, 'workdir')   # before the task is built
-  return run(make_task(config, devices), workdir, stop_after=stop_after)
+  with preemption.StopFlag() as stop:
+    return run(make_task(config, devices), workdir, stop_after=stop_after, stop=stop)
 
 
-def run(task, workdir: str, *, stop_after: Optional[int] = None) -> Tuple[Any, Dict[str, Any]]:
+def run(task, workdir: str, *, stop_after: Optional[int] = None,
+        stop: Optional[preemption.StopFlag] = None) -> Tuple[Any, Dict[str, Any]]:
   """Trains `task` to total_steps (or `stop_after` steps in total), resuming from the newest
   checkpoint in workdir/checkpoints. Returns (final state, summary); summary['status'] is
-  'done' or 'preempted'. A task (its compiled steps) can run several workdirs in turn."""
+  'done' or 'preempted'. A task (its compiled steps) can run several workdirs in turn.
+  `stop`: an installed StopFlag (default: one installed here, before the restore), so
+  that SIGTERM at any moment of the start-up is a preemption, not the process's death."""
   ctx = task.ctx
   c, rc = ctx.config, ctx.config.run
   safe_io.require_local(workdir, 'workdir')   # 'gs://b/run' would become ./gs:/b/run
@@ -131,7 +155,9 @@ def run(task, workdir: str, *, stop_after: Optional[int] = None) -> Tuple[Any, D
       os.path.join(workdir, 'checkpoints'), keep=rc.keep, save_every=rc.save_every,
       async_save=rc.async_checkpoint)
   writer = None
-  stop = preemption.StopFlag()
+  own_stop = stop is None
+  if own_stop:
+    stop = preemption.StopFlag().install()
   try:
     it = data_lib.make_train_pipeline(ctx.source, c.data, seed=c.seed,
                                       global_batch_size=ctx.global_batch,
@@ -143,6 +169,7 @@ def run(task, workdir: str, *, stop_after: Optional[int] = None) -> Tuple[Any, D
       if data_state is not None:
         it.set_state(data_state)
       say(f'resumed from step {start} ({mngr.directory})')
+      _warn_config_changes(workdir, c, task.name)
     else:
       start, state = 0, task.init_state()
     writer = writer_lib.Writer(workdir, resume_step=start, name=task.name)
@@ -155,13 +182,14 @@ def run(task, workdir: str, *, stop_after: Optional[int] = None) -> Tuple[Any, D
         f'{ctx.steps_per_epoch} steps/epoch, steps {start} -> {end} of {ctx.total_steps}, '
         f'{jax.process_count()} process(es)')
     state, step, status, last, last_eval = _loop(task, state, it, start, end, mngr, writer,
-                                                 stop.install(), say)
+                                                 stop, say)
     mngr.wait()
   finally:
     mngr.close()
     if writer is not None:
       writer.close()
-    stop.restore()
+    if own_stop:
+      stop.restore()
   export = None
   if status == 'done' and step == ctx.total_steps and rc.export:
     export = os.path.join(workdir, 'export')
@@ -171,6 +199,37 @@ def run(task, workdir: str, *, stop_after: Optional[int] = None) -> Tuple[Any, D
              'skipped_images': it.num_skipped, **last,
              **{f'eval_{k}': v for k, v in last_eval.items()}}
   return state, summary
+
+
+def config_changes(old: Dict[str, Any], new: Dict[str, Any], prefix: str = '') -> list:
+  """['key: old -> new', ...] for the dotted keys whose values differ between two config
+  dicts (a key only in one of them shows `(none)` on the other side)."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k, '(none)'), new.get(k, '(none)')
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += config_changes(a, b, f'{prefix}{k}.')
+    elif a != b:
+      out.append(f'{prefix}{k}: {json.dumps(a)} -> {json.dumps(b)}')
+  return out
+
+
+def _warn_config_changes(workdir: str, config, name: str) -> None:
+  """On resume: a warning listing what differs from WORKDIR/config.json (the config the run
+  started with), since a checkpoint of the same shapes restores under any other values."""
+  path = os.path.join(workdir, 'config.json')
+  if jax.process_index() != 0 or not os.path.isfile(path):
+    return
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except (OSError, ValueError):
+    return
+  changes = config_changes(old, json.loads(config.to_json_best_effort()))
+  if changes:
+    shown = '; '.join(changes[:8]) + (f'; and {len(changes) - 8} more' if len(changes) > 8 else '')
+    print(f'[{name}] WARNING: resuming with a config that differs from {path} (the one this '
+          f'run started with): {shown}', file=sys.stderr, flush=True)
 
 
 def _loop(task, state, it, start: int, end: int, mngr, writer, stop, say):

@@ -5,7 +5,8 @@ Reuse: `w = Writer(workdir, resume_step=0)`; `w.scalars(step, {'train/loss': 1.2
 `w.text('config', cfg.to_json())`; `w.close()`. Only process 0 writes (other
 processes get a no-op writer), so call it unconditionally from every host. A run
 resumed from step k first drops the rows of steps > k that the interrupted run wrote,
-so metrics.jsonl holds one row per step after any number of resumes.
+so metrics.jsonl holds one row per step after any number of resumes (and TensorBoard
+hides those steps' earlier points: SummaryWriter's purge_step).
 tensorboardX is a declared dependency; if it is missing the jsonl log still works.
 Also here: `MeanAccumulator` (averages scalars between logging steps),
 `format_scalars` for compact stdout lines, and the MFU accounting
@@ -49,7 +50,10 @@ class Writer:
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(logdir=os.path.join(logdir, 'tb'))
+        # purge_step: a session START event that makes TensorBoard hide the points at
+        # steps > resume_step that an interrupted run wrote (they are logged again).
+        self._tb = SummaryWriter(logdir=os.path.join(logdir, 'tb'), purge_step=(
+            None if resume_step is None else resume_step + 1))
       except ImportError:
         log.warning('tensorboardX not installed: writing metrics.jsonl only')
 
