@@ -302,6 +302,28 @@ def test_a_checkpoint_of_another_process_count_is_an_error_not_damage(tmp_path):
   assert not (tmp_path / 'damaged_checkpoints').exists()
 
 
+@pytest.mark.parametrize('error', [MemoryError(), RuntimeError(
+    'RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB.')])
+def test_out_of_memory_while_restoring_is_an_error_not_damage(tmp_path, monkeypatch, error):
+  """Running out of memory while restoring is the machine's failure: moving the good
+  checkpoints aside as damaged would start the run over from step 0."""
+  d = tmp_path / 'ckpt'
+  m = checkpoint_manager.CheckpointManager(str(d), keep=2, async_save=False)
+  state = {'w': jnp.arange(4.0)}
+  for step in (2, 4):
+    m.save(step, state, data_state={'next_index': 8 * step}, force=True)
+
+  def fail(*args):
+    raise error
+  monkeypatch.setattr(m, 'restore', fail)
+  target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  with pytest.raises(MemoryError, match=r'checkpoint 4 .* lack of memory.*nothing was moved'):
+    m.restore_latest(target)
+  m.close()
+  assert sorted(p.name for p in d.iterdir()) == ['2', '4']
+  assert not (tmp_path / 'damaged_checkpoints').exists()
+
+
 @pytest.mark.parametrize('policy', ['stop', 'skip'])
 def test_non_finite_loss(tmp_path, t8, policy):
   t1 = t8

@@ -134,8 +134,8 @@ def describe(e: BaseException):
     return FAILURE, _os_error(e), None
   if isinstance(e, ValueError):
     return USAGE, str(e), None
-  if isinstance(e, MemoryError):
-    return FAILURE, 'out of memory', None
+  if isinstance(e, MemoryError):   # a bare one (numpy's) says nothing, ours say what to do
+    return FAILURE, str(e).strip().splitlines()[0] if str(e).strip() else 'out of memory', None
   return FAILURE, _one_line(e), DEBUG_HINT   # a bug or a runtime failure (XLA, ...)
 
 

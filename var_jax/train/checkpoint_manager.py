@@ -17,7 +17,7 @@ moved to `<workdir>/damaged_checkpoints/<step>` (never deleted) with a warning n
 its step and the reason, and `restore_latest` goes on to the previous one. A
 checkpoint whose shapes do not match the model (another config), or that another
 number of processes wrote (no data-iterator position for this one), is an error
-instead: nothing is moved.
+instead: nothing is moved; so is running out of memory while restoring.
 """
 from __future__ import annotations
 
@@ -72,6 +72,21 @@ class ProcessJsonRestore(ocp.args.CheckpointArgs):
 def process_file() -> str:
   """This process's data-iterator file in a checkpoint's `data` directory."""
   return f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+
+
+def out_of_memory(e: BaseException) -> bool:
+  """Whether an exception says the host or an accelerator ran out of memory (MemoryError,
+  XLA's RESOURCE_EXHAUSTED), anywhere in its chain: a failure of the machine, not damage."""
+  while e is not None:
+    text = str(e)
+    if isinstance(e, MemoryError) or 'RESOURCE_EXHAUSTED' in text or 'out of memory' in text.lower():
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _first_line(e: BaseException) -> str:
+  return f'{type(e).__name__}: {e}'.splitlines()[0][:300]
 
 
 def _path(keys) -> str:
@@ -150,7 +165,11 @@ class CheckpointManager:
       except ShapeMismatch as e:
         raise ValueError(str(e)) from None
       except Exception as e:   # orbax/tensorstore raise assorted types for unreadable files
-        reason = f'{type(e).__name__}: {e}'.splitlines()[0][:300]
+        if out_of_memory(e):   # the machine, not the files: moving them aside starts over
+          raise MemoryError(f'checkpoint {step} in {self.directory} could not be restored for '
+                            f'lack of memory ({_first_line(e)}); nothing was moved: free '
+                            'memory (or use more devices) and rerun') from None
+        reason = _first_line(e)
         where = self._set_aside(step)
         print(f'[checkpoint] WARNING: checkpoint {step} cannot be restored ({reason}); moved '
               f'to {where}, trying the previous one', file=sys.stderr, flush=True)
