@@ -51,6 +51,28 @@ def test_hidden_files_and_folders_are_not_classes_or_images(folder, tmp_path):
       for p, label in images.FolderSource(str(folder / 'train')).items]
 
 
+def test_a_link_to_a_parent_folder_is_read_once(folder, tmp_path):
+  """Symlinks are followed, but a link back up (here class/loop -> class) must not read the
+  class's images again at every depth the file system allows (~40 copies)."""
+  root = tmp_path / 'train'
+  shutil.copytree(folder / 'train', root)
+  (root / 'cat' / 'loop').symlink_to(root / 'cat', target_is_directory=True)
+  (root / 'dog' / 'more').symlink_to(folder / 'train' / 'eel', target_is_directory=True)
+  src = images.FolderSource(str(root))
+  orig = images.FolderSource(str(folder / 'train'))
+  assert len(src) == len(orig) + sum(label == 2 for _, label in orig.items)   # eel's via dog
+
+
+def test_an_empty_class_folder_keeps_its_label_with_a_warning(folder, tmp_path, caplog):
+  root = tmp_path / 'train'
+  shutil.copytree(folder / 'train', root)
+  (root / 'bee').mkdir()
+  with caplog.at_level('WARNING', logger='var_jax.data'):
+    src = images.FolderSource(str(root))
+  assert src.classes == ['bee', 'cat', 'dog', 'eel'] and {label for _, label in src.items} == {1, 2, 3}
+  assert "1 class folder(s) hold no images (bee)" in caplog.text
+
+
 def test_folder_eval_split_is_val(tmp_path):
   """data.kind=folder reads path/train and path/val (ImageNet's layout, as configs/common.py says)."""
   import ml_collections

@@ -53,10 +53,16 @@ class FolderSource:
     if unknown:
       raise ValueError(f'image folder {root!r} has classes the training split lacks: '
                        f'{", ".join(unknown[:5])}{" ..." if len(unknown) > 5 else ""}')
-    self.items = []
+    self.items, empty = [], []
     for label, c in enumerate(self.classes):
-      if c in present:
-        self.items += [(f, label) for f in image_files(os.path.join(root, c))]
+      files = image_files(os.path.join(root, c)) if c in present else []
+      self.items += [(f, label) for f in files]
+      if c in present and not files:
+        empty.append(c)
+    if empty and len(empty) < len(self.classes):   # kept: labels stay those of the layout
+      log.warning(
+          'image folder %r: %d class folder(s) hold no images (%s); their labels stay '
+          'reserved', root, len(empty), ', '.join(empty[:5]) + (' ...' if len(empty) > 5 else ''))
     if not self.items:
       raise ValueError(f'image folder {root!r} holds no images ({", ".join(IMG_EXTENSIONS)})')
 
@@ -83,10 +89,16 @@ def class_names(root: str) -> list:
 
 
 def image_files(folder: str) -> list:
-  """The image files under `folder` and its sub-folders (symlinks followed, hidden files
-  and folders left out), folder by folder in sorted order."""
-  found = []
+  """The image files under `folder` and its sub-folders (symlinks followed, each real
+  folder once, so a link to a parent is no endless copy; hidden files and folders left
+  out), folder by folder in sorted order."""
+  found, seen = [], set()
   for dirpath, dirs, files in os.walk(folder, followlinks=True):
+    real = os.path.realpath(dirpath)
+    if real in seen:
+      dirs[:] = []
+      continue
+    seen.add(real)
     dirs[:] = [d for d in dirs if not _hidden(d)]
     found.append((dirpath, sorted(f for f in files
                                   if not _hidden(f) and f.lower().endswith(IMG_EXTENSIONS))))
