@@ -614,7 +614,9 @@ def test_resuming_with_another_config_names_the_changes(t8, tmp_path, capsys):
     (['--config', TINY, '--config.vae.checkpoint=/nonexistent/vae.pth'], 1, 'not found'),
     (['--config', TINY, '--config.model.attention=flash'], 2, 'attention must be one of'),
     (['--config', TINY, '--config.run.keep=0'], 2, 'config.run.keep must be >= 1'),
+    (['--config', TINY, '--config.run.save_every=0'], 2, 'config.run.save_every must be >= 1'),
     (['--config', TINY, '--config.run.log_every=0'], 2, 'config.run.log_every must be >= 1'),
+    (['--config', TINY, '--stop_after=-1'], 2, '--stop_after must be >= 1'),
     (['--config', TINY, '--config.run.eval_batches=0'], 2, 'config.run.eval_batches must be >= 1'),
     (['--config', TINY, '--config.run.nan_policy=stopp'], 2, "nan_policy must be 'stop' or 'skip'"),
 ])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 
-from var_jax.commands._common import FAILURE, CommandError, guarded, show_info_logs
+from var_jax.commands._common import FAILURE, USAGE, CommandError, guarded, show_info_logs
 
 ACCEPTS_OVERRIDES = True
 
@@ -66,6 +66,9 @@ def debug_mode(args) -> bool:
 def _run(args) -> int:
   from var_jax import safe_io
   safe_io.require_local(args.workdir, '--workdir')
+  if args.stop_after is not None and args.stop_after < 1:
+    raise CommandError(f'--stop_after must be >= 1 (optimizer steps in total), got '
+                       f'{args.stop_after}', USAGE)
   show_info_logs()
   from var_jax.config_loader import load_config
   cfg = load_config(args.config, getattr(args, 'overrides', []))   # bad config: no jax start-up

@@ -92,10 +92,13 @@ def mesh_and_rules(config, devices=None) -> Tuple[Mesh, Tuple[Tuple[str, Any], .
 def check_run_options(rc) -> None:
   """ValueError naming the config.run key whose value the loop cannot honour, before any
   work: keep < 1 made orbax delete every checkpoint (a rerun silently started over);
-  log_every < 1 and eval_batches = 0 failed only after compiling and training up to the
+  save_every < 1 meant a checkpoint at every step; log_every < 1 and eval_batches = 0 failed only after compiling and training up to the
   first log or eval step; a misspelt nan_policy meant 'skip'."""
   if int(rc.keep) < 1:
     raise ValueError(f'config.run.keep must be >= 1 (checkpoints kept), got {rc.keep}')
+  if int(rc.save_every) < 1:   # was taken as 1: a checkpoint at every step
+    raise ValueError(f'config.run.save_every must be >= 1 (steps between checkpoints; the '
+                     f'end of a run always saves), got {rc.save_every}')
   if int(rc.log_every) < 1:
     raise ValueError(f'config.run.log_every must be >= 1 (steps), got {rc.log_every}')
   if int(rc.eval_batches) == 0:
