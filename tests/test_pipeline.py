@@ -229,3 +229,25 @@ def test_readme_python_api_runs_as_written(tmp_path, monkeypatch):
   assert (tmp_path / 'ckpt' / 'digits' / 'config.json').is_file()
   assert (tmp_path / 'vae.pth').is_file() and (tmp_path / 'var.pth').is_file()
   assert scope['config'] == scope['pipe'].config
+
+
+def test_seed_must_be_an_integer_or_one_key():
+  """A float, None, an out-of-range int or a batch of keys is a ValueError naming `seed`
+  (a float was truncated silently, the rest failed deep inside jax); numpy and 0-d jax
+  integers and legacy PRNGKeys are accepted and mean the same as the plain int."""
+  import jax
+  import jax.numpy as jnp
+  pipe = pipeline('tiny4')
+  images = get_fixture('tiny4').nhwc('img')
+  for bad in (1.7, None, '3', True, 2**70, jax.random.split(jax.random.key(0), 2)):
+    with pytest.raises(ValueError, match='seed must be'):
+      pipe.sample([3, 4], seed=bad)
+    with pytest.raises(ValueError, match='seed must be'):
+      pipe.edit(images, np.ones((4, 4)), 10, seed=bad)
+  from var_jax.sampler import seed_key
+  want = jax.random.key_data(jax.random.key(3))
+  for good in (3, np.int64(3), jnp.int32(3), np.array(3, np.uint8)):
+    np.testing.assert_array_equal(jax.random.key_data(seed_key(good)), want)
+  legacy = jax.random.PRNGKey(3)
+  for good in (legacy, np.asarray(legacy)):
+    np.testing.assert_array_equal(np.asarray(seed_key(good)), np.asarray(legacy))

@@ -119,12 +119,10 @@ def edit(config, vae_params, var_params, images: Any, keep_mask: Any, labels: An
   tokens where kept, the drawn ones elsewhere). Sampling options as sampler.sample;
   var_params as stored or Sampler.prepare'd for the same dtype.
   """
-  import jax
   import jax.numpy as jnp
-  from var_jax.sampler import Sampler
+  from var_jax.sampler import Sampler, seed_key
   x, mask, y, args = edit_args(config, images, keep_mask, labels, cfg, top_k, top_p, mesh)
   s = Sampler(config, top_k=args.top_k, use_top_p=args.top_p > 0, more_smooth=more_smooth,
               dtype=jnp.float32 if dtype is None else dtype, mesh=mesh,
               scan_blocks=scan_blocks, attention=attention)
-  key = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
-  return s.edit(vae_params, var_params, x, mask, y, args.cfg, args.top_p, key)
+  return s.edit(vae_params, var_params, x, mask, y, args.cfg, args.top_p, seed_key(seed))

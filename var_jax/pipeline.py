@@ -166,15 +166,14 @@ class Pipeline:
     Arguments as var_jax.sampler.sample (checked by check_sampling_args; a top_k
     at or above the vocabulary means no top-k cut). dtype defaults to the
     Pipeline's; another dtype casts the blocks inside the program."""
-    from var_jax.sampler import check_sampling_args
+    from var_jax.sampler import check_sampling_args, seed_key
     self._require_var()
     args = check_sampling_args(cfg, top_k, top_p, labels=labels, config=self.config, mesh=mesh)
     dtype = self.dtype if dtype is None else jnp.dtype(dtype)
     s = self._sampler(top_k=args.top_k, use_top_p=args.top_p > 0, more_smooth=more_smooth,
                       dtype=dtype, mesh=mesh)
     params = self._ready if dtype == self.dtype else self.var_params
-    key = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
-    return s(self.vae_params, params, args.labels, args.cfg, args.top_p, key)
+    return s(self.vae_params, params, args.labels, args.cfg, args.top_p, seed_key(seed))
 
   def edit(self, images: Any, keep_mask: Any, labels: Any, *, cfg: float = 1.5, top_k: int = 900,
            top_p: float = 0.96, seed: Any = 0, more_smooth: bool = False, dtype: Any = None,
@@ -192,6 +191,7 @@ class Pipeline:
     Scale k keeps where bilinear(keep_mask, pn_k) > 0.5; scales of <= 3 tokens keep all.
     Sampling options as `sample`."""
     from var_jax import edit
+    from var_jax.sampler import seed_key
     self._require_var()
     x, mask, y, args = edit.edit_args(self.config, images, keep_mask, labels, cfg, top_k, top_p,
                                       mesh)
@@ -199,8 +199,7 @@ class Pipeline:
     s = self._sampler(top_k=args.top_k, use_top_p=args.top_p > 0, more_smooth=more_smooth,
                       dtype=dtype, mesh=mesh)
     params = self._ready if dtype == self.dtype else self.var_params
-    key = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
-    return s.edit(self.vae_params, params, x, mask, y, args.cfg, args.top_p, key)
+    return s.edit(self.vae_params, params, x, mask, y, args.cfg, args.top_p, seed_key(seed))
 
   def _sampler(self, **kw):
     from var_jax.sampler import Sampler

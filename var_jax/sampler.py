@@ -49,11 +49,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Any, Optional, Sequence, Tuple
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from var_jax import parallel
@@ -361,15 +363,32 @@ def _param_shardings(config: ModelConfig, mesh: Mesh):
 
 
 # --- the one-call form ------------------------------------------------------------
+def seed_key(seed: Any) -> jax.Array:
+  """The draws' key from `seed`: an integer (Python, numpy or a 0-d integer array) in
+  the int64 range, or one jax.random key (typed, or a legacy uint32 (2,) PRNGKey)."""
+  if isinstance(seed, (jax.Array, np.ndarray)):
+    if jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key):
+      if seed.shape != ():
+        raise ValueError(f'seed must be one jax.random key, got a key array of shape {seed.shape}')
+      return seed
+    if seed.dtype == np.uint32 and seed.shape == (2,):
+      return jnp.asarray(seed)                                 # jax.random.PRNGKey(n)
+  integer = isinstance(seed, numbers.Integral) or (
+      np.ndim(seed) == 0 and np.issubdtype(getattr(seed, 'dtype', object), np.integer))
+  if isinstance(seed, bool) or not integer or not -2**63 <= int(seed) < 2**63:
+    raise ValueError(f'seed must be an integer in [-2**63, 2**63) or one jax.random key, got '
+                     f'{seed!r}')
+  return jax.random.key(int(seed))
+
+
 def sample(config: ModelConfig, vae_params, var_params, labels: Sequence[int], *, cfg: float = 1.5,
            top_k: int = 900, top_p: float = 0.96, seed: Any = 0, more_smooth: bool = False,
            dtype: Any = jnp.float32, mesh: Optional[Mesh] = None, return_logits: bool = False,
            scan_blocks: bool = True, attention: str = 'auto'):
   """Validates the arguments (check_sampling_args), builds the Sampler and calls it.
-  seed: an int or a jax.random key. See the module docstring for the rest."""
+  seed: an int or a jax.random key (seed_key). See the module docstring for the rest."""
   args = check_sampling_args(cfg, top_k, top_p, labels=labels, config=config, mesh=mesh)
   s = Sampler(config, top_k=args.top_k, use_top_p=args.top_p > 0, more_smooth=more_smooth,
               dtype=dtype, mesh=mesh, return_logits=return_logits, scan_blocks=scan_blocks,
               attention=attention)
-  key = seed if isinstance(seed, jax.Array) else jax.random.key(int(seed))
-  return s(vae_params, var_params, args.labels, args.cfg, args.top_p, key)
+  return s(vae_params, var_params, args.labels, args.cfg, args.top_p, seed_key(seed))
