@@ -251,3 +251,20 @@ def test_seed_must_be_an_integer_or_one_key():
   legacy = jax.random.PRNGKey(3)
   for good in (legacy, np.asarray(legacy)):
     np.testing.assert_array_equal(np.asarray(seed_key(good)), np.asarray(legacy))
+
+
+def test_bfloat16_images_are_accepted_and_an_empty_batch_is_named():
+  """bfloat16 images (a bfloat16 pipeline's natural input) were refused as 'not floats';
+  an empty batch failed in numpy's min(). float16/bfloat16 give float32's tokens here."""
+  import jax.numpy as jnp
+  pipe = pipeline('tiny4')
+  img = get_fixture('tiny4').nhwc('img')
+  want = pipe.encode(jnp.asarray(jnp.asarray(img, jnp.bfloat16), jnp.float32))
+  for got in (pipe.encode(jnp.asarray(img, jnp.bfloat16)),
+              pipe.encode(np.asarray(jnp.asarray(img, jnp.bfloat16)))):
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match='at least one image'):
+    pipe.encode(np.zeros((0,) + img.shape[1:], np.float32))
+  with pytest.raises(ValueError, match='dtype int32'):
+    pipe.encode(np.zeros(img.shape, np.int32))

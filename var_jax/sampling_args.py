@@ -91,18 +91,33 @@ def check_images(images: Any, config: Any) -> Any:
   if x.ndim != 4:
     raise ValueError(f'images must be a 4-D NHWC batch (B, {size}, {size}, {cin}), got shape '
                      f'{tuple(x.shape)}')
-  if not np.issubdtype(x.dtype, np.floating):
+  if not _is_float(x.dtype):
     raise ValueError(f'images must be floats in [-1, 1], got dtype {x.dtype} '
                      '(for uint8 pixels use x / 127.5 - 1)')
   if tuple(x.shape[1:]) != (size, size, cin):
     hint = ' (NCHW? transpose to NHWC)' if x.shape[1] == cin else ''
     raise ValueError(f'images must be {size}x{size} with {cin} channels, NHWC (B, {size}, {size}, '
                      f'{cin}); got {tuple(x.shape)}{hint}')
+  if x.shape[0] == 0:
+    raise ValueError(f'images must hold at least one image, got shape {tuple(x.shape)}')
   lo, hi = float(x.min()), float(x.max())
   if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1 - RANGE_TOL or hi > 1 + RANGE_TOL:
     raise ValueError(f'images must be in [-1, 1], got values in [{lo:.4g}, {hi:.4g}] '
                      '(for [0, 1] images use 2 * x - 1)')
   return x
+
+
+def _is_float(dtype) -> bool:
+  """numpy floats, and jax's bfloat16 (and other ml_dtypes floats) that numpy does not
+  count as np.floating."""
+  if np.issubdtype(dtype, np.floating):
+    return True
+  try:
+    import ml_dtypes   # installed with jax; no jax import
+    ml_dtypes.finfo(dtype)
+    return True
+  except (ImportError, ValueError, TypeError):
+    return False
 
 
 def _is_real(x) -> bool:
