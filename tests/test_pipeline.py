@@ -268,3 +268,10 @@ def test_bfloat16_images_are_accepted_and_an_empty_batch_is_named():
     pipe.encode(np.zeros((0,) + img.shape[1:], np.float32))
   with pytest.raises(ValueError, match='dtype int32'):
     pipe.encode(np.zeros(img.shape, np.int32))
+
+
+def test_to_torch_refuses_one_path_for_both_files(tmp_path):
+  """to_torch(p, p) wrote the VQVAE, then the VAR over it: the VQVAE was lost silently."""
+  with pytest.raises(ValueError, match='same file'):
+    pipeline('tiny4').to_torch(tmp_path / 'x.pth', tmp_path / '.' / 'x.pth')
+  assert not (tmp_path / 'x.pth').exists()
