@@ -94,9 +94,14 @@ def test_save_never_overwrites_without_force(tmp_path):
   (target / 'keep.txt').write_text('precious')
   with pytest.raises(FileExistsError, match='not empty'):
     pipe.save(target)
+  with pytest.raises(FileExistsError, match='not a var-jax checkpoint'):   # force or not
+    pipe.save(target, force=True)
   assert (target / 'keep.txt').read_text() == 'precious'
-  pipe.save(target, force=True)
-  assert not (target / 'keep.txt').exists() and var_jax.load(target).config == pipe.config
+  (target / 'keep.txt').unlink()
+  pipe.save(target)
+  (target / 'extra.txt').write_text('left by the user')
+  pipe.save(target, force=True)   # force replaces a checkpoint (and what lies in it)
+  assert not (target / 'extra.txt').exists() and var_jax.load(target).config == pipe.config
   assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']  # no temporary leftovers
 
 

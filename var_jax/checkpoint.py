@@ -140,7 +140,8 @@ def _buffers_tree(buffers: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
 def save(directory: str | os.PathLike, config: ModelConfig, vae_params: Any,
          var_params: Any = None, *, buffers: Optional[Mapping[str, Mapping[str, Any]]] = None,
          force: bool = False) -> pathlib.Path:
-  """Writes a checkpoint to `directory` (refuses a non-empty one unless force)."""
+  """Writes a checkpoint to `directory`: new or empty, or with force a var-jax checkpoint
+  to replace (never a folder of anything else: force is not a licence to delete it)."""
   import orbax.checkpoint as ocp
   from var_jax.safe_io import require_local, sweep_stale, uninterruptible
   require_local(directory, 'checkpoint directory')
@@ -151,6 +152,9 @@ def save(directory: str | os.PathLike, config: ModelConfig, vae_params: Any,
   if target.is_dir() and any(target.iterdir()) and not force:
     raise FileExistsError(f'{target} is not empty; choose a new directory or pass force=True '
                           '(--force) to replace it')
+  if target.is_dir() and any(target.iterdir()) and not (target / MARKER).is_file():
+    raise FileExistsError(f'{target} is not empty and not a var-jax checkpoint (no {MARKER}); '
+                          'force replaces only a checkpoint: choose a new directory')
   if (var_params is None) != (config.var is None):
     raise ValueError('VAR params and config.var must be given together')
   tree: Dict[str, Any] = {'vae': vae_params}
