@@ -258,6 +258,24 @@ def test_seed_must_be_an_integer_or_one_key():
     np.testing.assert_array_equal(np.asarray(seed_key(good)), np.asarray(legacy))
 
 
+def test_missing_labels_a_non_float_dtype_and_a_float32_infinite_cfg_are_named():
+  """labels=None, an integer compute dtype and a cfg beyond float32 (NaN logits) failed
+  deep inside jax or sampled garbage; each is a ValueError naming the argument."""
+  import jax.numpy as jnp
+  from var_jax import sampler
+  pipe = pipeline('tiny4')
+  with pytest.raises(ValueError, match='labels must be given'):
+    pipe.sample(None)
+  with pytest.raises(ValueError, match='labels must be given'):
+    sampler.sample(pipe.config, pipe.vae_params, pipe.var_params, None)
+  with pytest.raises(ValueError, match='dtype must be a floating-point type'):
+    pipe.sample([3, 4], dtype=jnp.int32)
+  with pytest.raises(ValueError, match='dtype must be a floating-point type'):
+    var_jax.Pipeline(pipe.config, pipe.vae_params, pipe.var_params, dtype='int8')
+  with pytest.raises(ValueError, match='cfg must be >= 0 and finite in float32'):
+    pipe.sample([3, 4], cfg=3.5e38)
+
+
 def test_bfloat16_images_are_accepted_and_an_empty_batch_is_named():
   """bfloat16 images (a bfloat16 pipeline's natural input) were refused as 'not floats';
   an empty batch failed in numpy's min(). float16/bfloat16 give float32's tokens here."""

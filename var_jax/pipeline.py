@@ -28,7 +28,7 @@ from var_jax import convert
 from var_jax.config import ModelConfig
 from var_jax.convert import as_config  # noqa: F401  (re-exported: pipeline.as_config)
 
-from var_jax.sampling_args import RANGE_TOL  # noqa: F401  (re-exported)
+from var_jax.sampling_args import RANGE_TOL, compute_dtype  # noqa: F401  (RANGE_TOL re-exported)
 
 
 class Pipeline:
@@ -50,7 +50,7 @@ class Pipeline:
     if self.var_params is None and config.var is not None:
       self.config = ModelConfig(vae=config.vae, var=None)
     self.buffers = {k: dict(v) for k, v in (buffers or {}).items()}
-    self.dtype = jnp.dtype(dtype)
+    self.dtype = jnp.dtype(compute_dtype(dtype))
     self.scan_blocks, self.attention = bool(scan_blocks), attention
     self._fns: Dict[Any, Callable] = {}
     self._ready = None                  # the VAR params ready for sampling in self.dtype
@@ -169,7 +169,7 @@ class Pipeline:
     from var_jax.sampler import check_sampling_args, seed_key
     self._require_var()
     args = check_sampling_args(cfg, top_k, top_p, labels=labels, config=self.config, mesh=mesh)
-    dtype = self.dtype if dtype is None else jnp.dtype(dtype)
+    dtype = self.dtype if dtype is None else jnp.dtype(compute_dtype(dtype))
     s = self._sampler(top_k=args.top_k, use_top_p=args.top_p > 0, more_smooth=more_smooth,
                       dtype=dtype, mesh=mesh)
     params = self._ready if dtype == self.dtype else self.var_params
@@ -195,7 +195,7 @@ class Pipeline:
     self._require_var()
     x, mask, y, args = edit.edit_args(self.config, images, keep_mask, labels, cfg, top_k, top_p,
                                       mesh)
-    dtype = self.dtype if dtype is None else jnp.dtype(dtype)
+    dtype = self.dtype if dtype is None else jnp.dtype(compute_dtype(dtype))
     s = self._sampler(top_k=args.top_k, use_top_p=args.top_p > 0, more_smooth=more_smooth,
                       dtype=dtype, mesh=mesh)
     params = self._ready if dtype == self.dtype else self.var_params

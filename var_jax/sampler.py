@@ -62,7 +62,7 @@ from var_jax import parallel
 from var_jax.config import ModelConfig
 from var_jax.ops.resize import bilinear_resize
 from var_jax.ops.top_k_top_p import effective_top_k, top_k_top_p_filter
-from var_jax.sampling_args import BATCH_AXES, check_sampling_args
+from var_jax.sampling_args import BATCH_AXES, check_sampling_args, compute_dtype
 from var_jax.sampling_args import SamplingArgs, check_labels  # noqa: F401  (re-exported)
 from var_jax.tokenizer.vqvae import VQVAE
 from var_jax.transformer.model import VAR, KVCache, dummy_inputs
@@ -169,7 +169,7 @@ class Sampler:
       raise ValueError(f'top_k must be an integer >= 0, got {self.top_k!r}')
     set_ = functools.partial(object.__setattr__, self)
     set_('top_k', effective_top_k(self.top_k, self.config.vae.vocab_size))
-    set_('dtype', jnp.dtype(self.dtype))
+    set_('dtype', jnp.dtype(compute_dtype(self.dtype)))
     for f in ('use_top_p', 'more_smooth', 'return_logits', 'decode', 'scan_blocks'):
       set_(f, bool(getattr(self, f)))
 

@@ -28,7 +28,10 @@ class SamplingArgs(NamedTuple):
 _CLIP_SAID = set()
 
 
-def check_sampling_args(cfg: Any, top_k: Any, top_p: Any, *, labels: Any = None,
+_NO_LABELS = object()   # labels not passed (the CLI's check before a model loads)
+
+
+def check_sampling_args(cfg: Any, top_k: Any, top_p: Any, *, labels: Any = _NO_LABELS,
                         config: Any = None, mesh: Any = None,
                         names: Optional[dict] = None) -> SamplingArgs:
   """The sampling arguments, checked; ValueError naming the problem.
@@ -39,8 +42,10 @@ def check_sampling_args(cfg: Any, top_k: Any, top_p: Any, *, labels: Any = None,
   names to what the caller calls them (e.g. {'top_k': '--top-k'}).
   """
   name = lambda n: (names or {}).get(n, n)
-  if isinstance(cfg, bool) or not _is_real(cfg) or not np.isfinite(cfg) or cfg < 0:
-    raise ValueError(f'{name("cfg")} must be >= 0 and finite (the guidance scale), got {cfg!r}')
+  if (isinstance(cfg, bool) or not _is_real(cfg) or not np.isfinite(cfg) or cfg < 0
+      or float(cfg) > float(np.finfo(np.float32).max)):   # inf in float32: NaN logits
+    raise ValueError(f'{name("cfg")} must be >= 0 and finite in float32 (the guidance scale), '
+                     f'got {cfg!r}')
   if isinstance(top_k, bool) or not _is_real(top_k) or int(top_k) != top_k:
     raise ValueError(f'{name("top_k")} must be an integer >= 0 (0 disables it), got {top_k!r}')
   if top_k < 0:
@@ -58,7 +63,7 @@ def check_sampling_args(cfg: Any, top_k: Any, top_p: Any, *, labels: Any = None,
         log.info('%s=%d >= the vocabulary (%d codes): no top-k cut', name('top_k'), top_k, vocab)
       top_k = 0
   arr = None
-  if labels is not None:
+  if labels is not _NO_LABELS:   # labels=None is a mistake, not "no labels"
     arr = check_labels(labels, None if config is None else config.var.num_classes, name('labels'))
     if mesh is not None:
       shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
@@ -70,6 +75,8 @@ def check_sampling_args(cfg: Any, top_k: Any, top_p: Any, *, labels: Any = None,
 
 def check_labels(labels: Any, num_classes: Optional[int], what: str = 'labels') -> np.ndarray:
   """Class ids as int32 numpy (B,): a non-empty 1-D integer sequence (a scalar is one label)."""
+  if labels is None:
+    raise ValueError(f'{what} must be given: a non-empty 1-D sequence of class ids, got None')
   arr = np.asarray(labels)
   if arr.ndim == 0:
     arr = arr[None]
@@ -105,6 +112,18 @@ def check_images(images: Any, config: Any) -> Any:
     raise ValueError(f'images must be in [-1, 1], got values in [{lo:.4g}, {hi:.4g}] '
                      '(for [0, 1] images use 2 * x - 1)')
   return x
+
+
+def compute_dtype(dtype: Any) -> np.dtype:
+  """A compute dtype (float32, bfloat16, float16, ...) as np.dtype; ValueError for any
+  other (an integer dtype failed deep inside jax)."""
+  try:
+    dt = np.dtype(dtype)
+  except TypeError:
+    dt = None
+  if dt is None or not _is_float(dt):
+    raise ValueError(f'dtype must be a floating-point type (float32, bfloat16), got {dtype!r}')
+  return dt
 
 
 def _is_float(dtype) -> bool:
