@@ -8,8 +8,10 @@ warmup_start, 'lin0' decay to final_lr, grad clip 2, class dropout 0.1, drop pat
 heads = depth (the release convention). Each readable name keeps the reference's in a
 comment; the reference's names are still accepted (var_jax.config_loader.RENAMED).
 
-Sections: model = VARConfig's fields (+ attention, remat, scan_blocks), vae = VQVAEConfig's fields
-(+ checkpoint, dtype, precision), init, optim, progressive, data, mesh, run.
+Sections: model = VARConfig's fields but patch_nums (+ attention, remat, scan_blocks), vae =
+VQVAEConfig's structural fields, patch_nums for v_patch_nums (beta, using_znorm, quant_conv_ks,
+default_qresi_counts, in_channels, dropout: from a native vae.checkpoint, else the defaults;
++ checkpoint, dtype, precision), init, optim, progressive, data, mesh, run.
 The tokenizer-training configs reuse `mesh_section`, `data_section`, `run_section`.
 """
 import ml_collections

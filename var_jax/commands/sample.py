@@ -56,7 +56,8 @@ def add_arguments(parser):
   parser.add_argument('--grid-max', type=int, default=64, help='at most this many images in --out')
   parser.add_argument('--tokens-out', default=None, help='npz of token maps idx_0..idx_{K-1}')
   parser.add_argument('--npz-out', default=None,
-                      help='npz with arr_0 = uint8 NHWC images (resumable, see above)')
+                      help='npz with arr_0 = uint8 NHWC images (resumable: after an interruption, '
+                           'rerun the same command)')
   parser.add_argument('--stop-after-chunks', type=int, default=None,
                       help='with --npz-out: stop after this many new chunks (rerun to continue)')
   parser.add_argument('--force', action='store_true', help='replace existing output files')
