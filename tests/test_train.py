@@ -472,6 +472,45 @@ def test_tokenize_resumes_and_refuses_other_folders(t8, tokens_dir, tmp_path):
   assert os.listdir(mine) == ['notes.txt']
 
 
+def test_sigterm_stops_tokenize_after_a_whole_shard(tmp_path, capsys, monkeypatch):
+  """SIGTERM during a shard's write: the shard is finished and renamed, then the command
+  stops with its one-line message and 143; no temporary file is left. (Without the
+  commands' signal handling SIGTERM killed the process wherever it was: the handler
+  installed here stands in for that and turns it into another error.)"""
+  from array_record.python import array_record_module
+  from var_jax import cli
+  real = array_record_module.ArrayRecordWriter
+  sent = []
+
+  class Writer:
+    def __init__(self, *a):
+      self.w = real(*a)
+
+    def write(self, r):
+      if not sent:
+        sent.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+      self.w.write(r)
+
+    def close(self):
+      self.w.close()
+
+  def unhandled(*a):
+    raise RuntimeError('SIGTERM reached the default handler')
+  monkeypatch.setattr(array_record_module, 'ArrayRecordWriter', Writer)
+  old = signal.signal(signal.SIGTERM, unhandled)
+  try:
+    code = cli.main(['tokenize', '--config', TINY, '--out', str(tmp_path / 'tok'),
+                     '--shard-size', '64', '--config.data.synthetic_examples=128'])
+  finally:
+    signal.signal(signal.SIGTERM, old)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 143 and err[-1] == 'var-jax tokenize: error: terminated (SIGTERM)', err[-3:]
+  files = sorted(p.name for p in (tmp_path / 'tok').iterdir())
+  assert [f for f in files if f.endswith('.array_record')] == ['train-00000-of-00002.array_record']
+  assert not [f for f in files if f.startswith('.')], files
+
+
 def test_tokenize_refuses_to_resume_on_changed_images(tmp_path):
   """A killed tokenize, rerun after its image folder changed, would encode the remaining
   shards from another listing (images duplicated or dropped): refused, nothing touched."""

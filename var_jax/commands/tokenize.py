@@ -58,4 +58,6 @@ def _run(args) -> int:
 def run(args) -> int:
   if debug_mode(args):
     return int(_run(args))
-  return guarded('tokenize', _run, args)
+  # signals: SIGTERM/Ctrl-C end with the one-line message after the shard being written
+  # is complete (train.tokenize writes each inside safe_io.uninterruptible)
+  return guarded('tokenize', _run, args, signals=True)

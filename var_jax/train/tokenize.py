@@ -235,13 +235,16 @@ def _encoder(model, params):
 
 
 def _write_shard(path: str, records: List[bytes]) -> None:
+  """Writes a temporary file and renames it; a SIGTERM or Ctrl-C of the command line
+  waits for the rename, so a stopped run leaves whole shards and no temporary."""
   from array_record.python.array_record_module import ArrayRecordWriter
   tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}{_TMP}{os.getpid()}')
-  w = ArrayRecordWriter(tmp, 'group_size:1')
-  for r in records:
-    w.write(r)
-  w.close()
-  os.replace(tmp, path)
+  with safe_io.uninterruptible():
+    w = ArrayRecordWriter(tmp, 'group_size:1')
+    for r in records:
+      w.write(r)
+    w.close()
+    os.replace(tmp, path)
 
 
 def _barrier(name: str) -> None:
