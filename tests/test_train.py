@@ -280,26 +280,35 @@ def test_unfinished_checkpoint_is_ignored(tmp_path):
   m.close()
 
 
-def test_a_checkpoint_of_another_process_count_is_an_error_not_damage(tmp_path):
-  """A run resumed with another number of processes finds no data-iterator position of
-  its own: a one-line error, and the (readable) checkpoints stay where they are."""
+def _two_checkpoints(tmp_path):
+  """(folder, open manager, abstract state) of a small state saved at steps 2 and 4."""
   d = tmp_path / 'ckpt'
   m = checkpoint_manager.CheckpointManager(str(d), keep=2, async_save=False)
   state = {'w': jnp.arange(4.0)}
   for step in (2, 4):
     m.save(step, state, data_state={'next_index': 8 * step}, force=True)
+  return d, m, jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+
+
+def _assert_nothing_moved(m, d):
+  m.close()
+  assert sorted(p.name for p in d.iterdir()) == ['2', '4']
+  assert not (d.parent / 'damaged_checkpoints').exists()
+
+
+def test_a_checkpoint_of_another_process_count_is_an_error_not_damage(tmp_path):
+  """A run resumed with another number of processes finds no data-iterator position of
+  its own: a one-line error, and the (readable) checkpoints stay where they are."""
+  d, m, target = _two_checkpoints(tmp_path)
   m.close()
   for step in (2, 4):   # as written by process 0 of 2 (its partner's file beside it)
     data = d / str(step) / 'data'
     (data / 'process_0-of-1.json').rename(data / 'process_0-of-2.json')
     (data / 'process_1-of-2.json').write_text('{"next_index": 0}')
   m = checkpoint_manager.CheckpointManager(str(d), keep=2, async_save=False)
-  target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   with pytest.raises(ValueError, match=r'written by 2 process\(es\); this run has 1'):
     m.restore_latest(target)
-  m.close()
-  assert sorted(p.name for p in d.iterdir()) == ['2', '4']
-  assert not (tmp_path / 'damaged_checkpoints').exists()
+  _assert_nothing_moved(m, d)
 
 
 @pytest.mark.parametrize('error', [MemoryError(), RuntimeError(
@@ -307,21 +316,14 @@ def test_a_checkpoint_of_another_process_count_is_an_error_not_damage(tmp_path):
 def test_out_of_memory_while_restoring_is_an_error_not_damage(tmp_path, monkeypatch, error):
   """Running out of memory while restoring is the machine's failure: moving the good
   checkpoints aside as damaged would start the run over from step 0."""
-  d = tmp_path / 'ckpt'
-  m = checkpoint_manager.CheckpointManager(str(d), keep=2, async_save=False)
-  state = {'w': jnp.arange(4.0)}
-  for step in (2, 4):
-    m.save(step, state, data_state={'next_index': 8 * step}, force=True)
+  d, m, target = _two_checkpoints(tmp_path)
 
   def fail(*args):
     raise error
   monkeypatch.setattr(m, 'restore', fail)
-  target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   with pytest.raises(MemoryError, match=r'checkpoint 4 .* lack of memory.*nothing was moved'):
     m.restore_latest(target)
-  m.close()
-  assert sorted(p.name for p in d.iterdir()) == ['2', '4']
-  assert not (tmp_path / 'damaged_checkpoints').exists()
+  _assert_nothing_moved(m, d)
 
 
 @pytest.mark.parametrize('policy', ['stop', 'skip'])
