@@ -149,12 +149,13 @@ def save(directory: str | os.PathLike, config: ModelConfig, vae_params: Any,
   sweep_stale(target)   # .NAME.tmp-<pid> / .old-<pid> of a save that was killed
   if target.exists() and not target.is_dir():
     raise FileExistsError(f'{target} exists and is not a directory')
-  if target.is_dir() and any(target.iterdir()) and not force:
-    raise FileExistsError(f'{target} is not empty; choose a new directory or pass force=True '
-                          '(--force) to replace it')
-  if target.is_dir() and any(target.iterdir()) and not (target / MARKER).is_file():
-    raise FileExistsError(f'{target} is not empty and not a var-jax checkpoint (no {MARKER}); '
-                          'force replaces only a checkpoint: choose a new directory')
+  if target.is_dir() and any(target.iterdir()):
+    if not force:
+      raise FileExistsError(f'{target} is not empty; choose a new directory or pass force=True '
+                            '(--force) to replace it')
+    if not (target / MARKER).is_file():
+      raise FileExistsError(f'{target} is not empty and not a var-jax checkpoint (no {MARKER}); '
+                            'force replaces only a checkpoint: choose a new directory')
   if (var_params is None) != (config.var is None):
     raise ValueError('VAR params and config.var must be given together')
   tree: Dict[str, Any] = {'vae': vae_params}

@@ -20,6 +20,7 @@ from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from var_jax import safe_io
 from var_jax.config import ModelConfig
 from var_jax.convert import mapping
 from var_jax.convert.infer import infer_config
@@ -118,9 +119,7 @@ def save_reference(vae_path: PathLike, var_path: Optional[PathLike], config: Mod
                    buffers: Optional[Mapping[str, Mapping[str, Any]]] = None) -> None:
   """Writes reference-format .pth files (torch.load(..., weights_only=True) reads them):
   the inverse of load_reference (a round trip gives the original bytes per tensor)."""
-  if var_path is not None and os.path.abspath(var_path) == os.path.abspath(vae_path):
-    raise ValueError(f'vae_path and var_path are the same file ({os.fspath(vae_path)}): the VAR '
-                     'would overwrite the VQVAE')
+  safe_io.check_distinct({'vae_path': vae_path, 'var_path': var_path})   # one over the other
   vae, var = state_dicts(config, params, buffers)
   if var_path is not None and var is None:
     raise ValueError('there is no VAR to export (params["var"] is None)')

@@ -36,7 +36,7 @@ class ProcessJsonHandler(ocp.CheckpointHandler):
   """Each process saves its own JSON document (process_{i}-of-{n}.json)."""
 
   def _file(self, directory) -> epath.Path:
-    return epath.Path(directory) / process_file()
+    return epath.Path(directory) / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
 
   def save(self, directory, args: 'ProcessJsonSave'):
     self._file(directory).write_text(json.dumps(args.item))
@@ -67,11 +67,6 @@ class ProcessJsonSave(ocp.args.CheckpointArgs):
 @dataclasses.dataclass
 class ProcessJsonRestore(ocp.args.CheckpointArgs):
   item: Any = None
-
-
-def process_file() -> str:
-  """This process's data-iterator file in a checkpoint's `data` directory."""
-  return f'process_{jax.process_index()}-of-{jax.process_count()}.json'
 
 
 def out_of_memory(e: BaseException) -> bool:

@@ -92,8 +92,9 @@ def mesh_and_rules(config, devices=None) -> Tuple[Mesh, Tuple[Tuple[str, Any], .
 def check_run_options(rc) -> None:
   """ValueError naming the config.run key whose value the loop cannot honour, before any
   work: keep < 1 made orbax delete every checkpoint (a rerun silently started over);
-  save_every < 1 meant a checkpoint at every step; log_every < 1 and eval_batches = 0 failed only after compiling and training up to the
-  first log or eval step; a misspelt nan_policy meant 'skip'."""
+  save_every < 1 meant a checkpoint at every step; log_every < 1 and eval_batches = 0
+  failed only after compiling and training up to the first log or eval step; a misspelt
+  nan_policy meant 'skip'."""
   if int(rc.keep) < 1:
     raise ValueError(f'config.run.keep must be >= 1 (checkpoints kept), got {rc.keep}')
   if int(rc.save_every) < 1:   # was taken as 1: a checkpoint at every step

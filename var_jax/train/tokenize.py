@@ -187,8 +187,8 @@ def _check_same_data(out: str, old: Dict[str, Any], sources) -> None:
   or dropped, and a record count the manifest does not match)."""
   for split, source in sources.items():
     info = old['splits'].get(split, {})
-    was, now = info.get('num_images'), len(source)
-    if was != now or info.get('listing', listing(source)) != listing(source):
+    was, now, digest = info.get('num_images'), len(source), listing(source)
+    if was != now or info.get('listing', digest) != digest:
       what = f'{was} then, {now} now' if was != now else 'as many, other files'
       raise FileExistsError(f'{out} was started on other {split} images ({what}): restore '
                             'them, or choose another --out (nothing was changed)')
